@@ -1,0 +1,90 @@
+// Hypervisor port: everything nodemanager asks of libvirt, in the project's own types.
+//
+// Adapter: LibvirtHypervisor (nodemanager/libvirt/). Fake: tests/fakes/fake_hypervisor.h.
+//
+// Threading: every method is thread-safe and may block (it is called from job worker threads,
+// never from the event loop). The event handler is called on the adapter's own event thread; it
+// must not block and must not throw.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "nm/core/ids.h"
+#include "nm/core/status.h"
+#include "nm/domain_xml.h"
+
+namespace nm {
+
+enum class DomainState {
+  kNoState,
+  kRunning,
+  kBlocked,
+  kPaused,
+  kShuttingDown,
+  kShutOff,
+  kCrashed,
+  kSuspended,  // PM-suspended
+};
+std::string_view domain_state_name(DomainState s);  // "running", "shutoff", ...
+
+struct DomainInfo {
+  std::string uuid;  // libvirt's UUID (equals the VmId for our domains)
+  std::string name;
+  DomainState state = DomainState::kNoState;
+  int reason = 0;  // libvirt's state reason, for logs
+  bool persistent = true;
+  std::optional<DomainOwner> owner;  // set when the domain carries our metadata element
+};
+
+enum class DomainEventKind { kDefined, kUndefined, kStarted, kSuspended, kResumed, kStopped,
+                             kShutdown, kCrashed, kPMSuspended, kOther };
+
+struct DomainEvent {
+  std::string uuid;
+  DomainEventKind kind = DomainEventKind::kOther;
+  int detail = 0;  // libvirt's detail code
+};
+
+class Hypervisor {
+ public:
+  virtual ~Hypervisor() = default;
+
+  // "kvm", "qemu" or "test": the <domain type> this connection can run.
+  virtual std::string default_domain_type() const = 0;
+
+  // Every domain on the connection, ours or not.
+  virtual Result<std::vector<DomainInfo>> list_domains() = 0;
+  // The domain with uuid == id, or nullopt.
+  virtual Result<std::optional<DomainInfo>> get_domain(const VmId& id) = 0;
+
+  // Defines (or redefines) a persistent domain from XML.
+  virtual Status define_domain(const std::string& xml) = 0;
+  // Each of these is idempotent: starting a running domain, stopping a stopped one or undefining
+  // an absent one returns OK. NotFound only where the operation needs the domain to exist.
+  virtual Status start_domain(const VmId& id) = 0;
+  virtual Status shutdown_domain(const VmId& id) = 0;  // graceful (ACPI) request, returns at once
+  virtual Status destroy_domain(const VmId& id) = 0;   // forced power-off
+  virtual Status reboot_domain(const VmId& id) = 0;
+  virtual Status undefine_domain(const VmId& id) = 0;
+
+  // Creates the VM's qcow2 overlay volume backed by `base_path` (format `base_format`, "raw" or
+  // "qcow2") with virtual size `capacity_bytes`, replacing a leftover volume of the same VM.
+  // Returns the overlay's path.
+  virtual Result<std::string> create_overlay(const VmId& id, const std::string& base_path,
+                                             const std::string& base_format,
+                                             uint64_t capacity_bytes) = 0;
+  // Deletes the VM's overlay volume; OK if absent.
+  virtual Status delete_overlay(const VmId& id) = 0;
+  // The VM ids that have an overlay volume (for orphan detection).
+  virtual Result<std::vector<VmId>> list_overlays() = 0;
+
+  using EventHandler = std::function<void(const DomainEvent&)>;
+  // Installs the lifecycle-event handler (replacing any previous one).
+  virtual void set_event_handler(EventHandler handler) = 0;
+};
+
+}  // namespace nm

@@ -1,0 +1,144 @@
+// NodeService: the node's brain. Validates requests, records desired state durably, runs jobs,
+// reconciles libvirt with the database and keeps the event ring.
+//
+// Threading: every public method runs on the event-loop thread. Jobs run their blocking steps on
+// the WorkerPool and post back through the LoopExecutor. Observers are called on the loop thread.
+#pragma once
+
+#include <chrono>
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "nm/core/clock.h"
+#include "nm/core/fs.h"
+#include "nm/core/ids.h"
+#include "nm/core/status.h"
+#include "nm/executor.h"
+#include "nm/hypervisor.h"
+#include "nm/imagestore/image_store.h"
+#include "nm/state_store.h"
+
+namespace nm {
+
+enum class OrphanPolicy { kReport, kRemove };
+
+struct ServiceOptions {
+  // Where overlays live is the hypervisor's business; this is where serial logs go.
+  // Default: <state-dir>/instances.
+  std::string instances_dir;
+  // <domain type>; empty means the hypervisor's default ("kvm" on QEMU, "test" on test:///).
+  std::string domain_type;
+  // Graceful stop: how long to wait for the guest to power off before forcing it. Default 60 s.
+  std::chrono::milliseconds stop_timeout{60000};
+  // What the reconciler does with domains that carry our metadata but that the database does not
+  // know. Default: report (an OrphanFound event and a warning), never silently keep.
+  OrphanPolicy orphan_policy = OrphanPolicy::kReport;
+};
+
+enum class JobState { kQueued, kRunning };
+std::string_view job_state_name(JobState s);  // "queued", "running"
+
+struct JobView {
+  uint32_t id = 0;
+  std::string kind;       // "create", "start", "stop", "reboot", "delete", "import"
+  std::string object_id;  // VM id, or image ref for imports
+  JobState state = JobState::kQueued;
+  double progress = 0.0;  // 0..1
+};
+
+struct JobOutcome {
+  std::string result;  // "done", "failed", "cancelled"
+  Status error;        // OK unless failed
+};
+
+struct CreateVmReply {
+  VmId vm_id;
+  uint32_t job_id = 0;
+};
+
+// Called on the loop thread when things change; the D-Bus layer turns them into objects,
+// PropertiesChanged and signals.
+class ServiceObserver {
+ public:
+  virtual ~ServiceObserver() = default;
+  virtual void on_vm_added(const VmRecord& vm) = 0;
+  virtual void on_vm_changed(const VmRecord& vm) = 0;
+  virtual void on_vm_removed(const VmId& id) = 0;
+  virtual void on_job_added(const JobView& job) = 0;
+  virtual void on_job_changed(const JobView& job) = 0;
+  virtual void on_job_removed(const JobView& job, const JobOutcome& outcome,
+                              const EventRecord& event) = 0;
+  // Every event appended to the ring (JobRemoved included), after it was committed.
+  virtual void on_event(const EventRecord& event) = 0;
+};
+
+class NodeService {
+ public:
+  virtual ~NodeService() = default;
+
+  virtual void set_observer(ServiceObserver* observer) = 0;
+
+  // Loads desired state and runs the first reconcile synchronously enough that, when the
+  // returned Status is OK, every VM known to the database is registered (observers notified)
+  // and start-up convergence jobs are queued.
+  virtual Status start() = 0;
+
+  // ---- VMs. `vm` is an id or a name. Empty request_id: not idempotent. ----
+  virtual Result<CreateVmReply> create_vm(std::string_view spec_json,
+                                          std::string_view request_id) = 0;
+  virtual Result<uint32_t> start_vm(std::string_view vm, std::string_view request_id) = 0;
+  virtual Result<uint32_t> stop_vm(std::string_view vm, bool force,
+                                   std::string_view request_id) = 0;
+  virtual Result<uint32_t> reboot_vm(std::string_view vm, std::string_view request_id) = 0;
+  virtual Result<uint32_t> delete_vm(std::string_view vm, std::string_view request_id) = 0;
+  virtual Result<VmRecord> get_vm(std::string_view vm) const = 0;
+  // Sorted by tenant, then name. Empty tenant: all.
+  virtual std::vector<VmRecord> list_vms(std::string_view tenant) const = 0;
+
+  // ---- Images ----
+  virtual Result<uint32_t> import_image(std::string_view image, UniqueFd data,
+                                        std::string_view sha256, std::string_view kind,
+                                        std::string_view tenant,
+                                        std::string_view request_id) = 0;
+  virtual std::vector<ImageInfo> list_images() const = 0;
+  // Conflict (naming the VMs) while a VM uses the image.
+  virtual Status remove_image(std::string_view image, std::string_view request_id) = 0;
+
+  // ---- Events and jobs ----
+  virtual Result<std::vector<EventRecord>> events_since(uint64_t since, uint32_t max) = 0;
+  virtual uint64_t last_event_seq() const = 0;
+  virtual std::vector<JobView> list_jobs() const = 0;
+  virtual std::optional<JobView> get_job(uint32_t id) const = 0;
+  // Queued jobs end at once as "cancelled"; a running job stops at its next step boundary.
+  virtual Status cancel_job(uint32_t id) = 0;
+
+  // ---- Reconciliation ----
+  // Called (on the loop thread) for each hypervisor lifecycle event.
+  virtual void on_domain_event(const DomainEvent& event) = 0;
+  // Periodic audit: compares every VM with libvirt and queues convergence work.
+  virtual void audit() = 0;
+  // Jobs queued or running (for STATUS= lines and clean shutdown).
+  virtual size_t active_jobs() const = 0;
+};
+
+// GetVm's JSON document: {"id", "spec", "state", "state_reason", "desired_power", "generation",
+// "observed_generation", "image_digest", "created_us", "updated_us"} (docs/dbus-api.md).
+std::string vm_record_to_json(const VmRecord& vm);
+
+struct ServiceDeps {
+  StateStore& store;
+  Hypervisor& hypervisor;
+  ImageStore& images;
+  LoopExecutor& loop;
+  WorkerPool& workers;
+  const Clock& clock;
+};
+
+std::unique_ptr<NodeService> make_node_service(ServiceDeps deps, ServiceOptions options);
+
+}  // namespace nm

@@ -1,0 +1,109 @@
+// StateStore port: the node's durable desired state, idempotency records and event ring.
+//
+// Adapter: SqliteStateStore (nodemanager/state/, WAL mode, synchronous=FULL, versioned schema
+// migrations). Every acknowledged mutation is one transact() call that has committed before the
+// caller replies.
+//
+// Threading: owned by the event loop thread; not thread-safe.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "nm/core/ids.h"
+#include "nm/core/status.h"
+#include "nm/vm_spec.h"
+
+namespace nm {
+
+enum class PowerIntent { kStopped, kRunning };
+std::string_view power_intent_name(PowerIntent p);  // "stopped", "running"
+
+struct VmRecord {
+  VmId id = VmId::trusted("00000000-0000-0000-0000-000000000000");
+  VmSpec spec{.name = VmName::trusted("x"), .tenant = TenantId::trusted("x")};
+  PowerIntent power = PowerIntent::kStopped;  // desired power state
+  bool deleting = false;            // desired: gone; the reconciler finishes the removal
+  uint64_t generation = 1;          // bumped on every change of desired state
+  uint64_t observed_generation = 0; // the generation the reconciler last converged
+  std::string state = "pending";    // last observed state, shown to clients
+  std::string state_reason;         // why it is in that state ("created", "crashed", ...)
+  // Images resolved at create time: the VM keeps its bytes even if a tag moves later.
+  Digest image_digest = Digest::trusted("sha256:" + std::string(64, '0'));
+  std::optional<Digest> kernel_digest;
+  std::optional<Digest> initrd_digest;
+  uint64_t created_us = 0;
+  uint64_t updated_us = 0;
+  bool operator==(const VmRecord&) const = default;
+};
+
+// The first answer to a mutating request, replayed to retries with the same request id.
+struct RequestRecord {
+  RequestId id = RequestId::trusted("x");
+  std::string method;       // "CreateVm", "StartVm", ...
+  std::string fingerprint;  // canonical arguments; a retry with other arguments is a Conflict
+  std::string reply_json;   // what the first call returned
+  uint64_t created_us = 0;
+  bool operator==(const RequestRecord&) const = default;
+};
+
+struct EventRecord {
+  uint64_t seq = 0;  // strictly increasing, never reused (also after restarts and trimming)
+  uint64_t ts_us = 0;
+  std::string kind;       // "VmStateChanged", "JobRemoved", "ImageImported", "ImageRemoved", "OrphanFound"
+  std::string object_id;  // a VM id, job id or image digest
+  std::string payload_json;
+  bool operator==(const EventRecord&) const = default;
+};
+
+// Writes inside one transaction.
+class StateTxn {
+ public:
+  virtual ~StateTxn() = default;
+  virtual Status put_vm(const VmRecord& vm) = 0;  // insert or replace by id
+  virtual Status delete_vm(const VmId& id) = 0;   // OK if absent
+  // AlreadyExists if a record with that id exists.
+  virtual Status put_request(const RequestRecord& req) = 0;
+  // Appends to the ring (assigning seq) and trims the oldest beyond the configured capacity.
+  virtual Result<EventRecord> append_event(const std::string& kind, const std::string& object_id,
+                                           const std::string& payload_json, uint64_t ts_us) = 0;
+  // A job id never handed out before on this node.
+  virtual Result<uint64_t> allocate_job_id() = 0;
+};
+
+struct SqliteOptions {
+  // Events kept for GetEvents(); older ones are trimmed. Default 10000.
+  uint32_t event_capacity = 10000;
+  // Idempotency records older than this are dropped at open. Default 7 days.
+  uint64_t request_retention_us = 7ull * 24 * 3600 * 1000 * 1000;
+};
+
+class StateStore {
+ public:
+  virtual ~StateStore() = default;
+
+  // Runs `fn` in one write transaction (BEGIN IMMEDIATE): commits durably if it returns OK,
+  // rolls back otherwise and returns its Status. Unavailable if the commit fails (disk full...).
+  virtual Status transact(const std::function<Status(StateTxn&)>& fn) = 0;
+
+  virtual Result<std::vector<VmRecord>> list_vms() = 0;
+  virtual Result<std::optional<VmRecord>> get_vm(const VmId& id) = 0;
+  virtual Result<std::optional<RequestRecord>> get_request(const RequestId& id) = 0;
+  // Events with seq > since, oldest first, at most `max`.
+  virtual Result<std::vector<EventRecord>> events_since(uint64_t since, uint32_t max) = 0;
+  virtual Result<uint64_t> last_event_seq() = 0;
+  // The schema version after migrations.
+  virtual int schema_version() const = 0;
+};
+
+// Opens (creating if needed) the database at `path` and migrates it to the newest schema.
+// Refuses a database written by a newer nodemanager (schema version too high).
+Result<std::unique_ptr<StateStore>> open_sqlite_state_store(const std::string& path,
+                                                            const SqliteOptions& options,
+                                                            uint64_t now_us);
+
+}  // namespace nm
