@@ -21,9 +21,11 @@ inline constexpr uint32_t kMinVcpus = 1;
 inline constexpr uint32_t kMaxVcpus = 128;
 inline constexpr uint64_t kMinMemoryMiB = 32;
 inline constexpr uint64_t kMaxMemoryMiB = 1024 * 1024;  // 1 TiB
-inline constexpr uint32_t kMaxDiskGiB = 16 * 1024;       // 16 TiB
+inline constexpr uint32_t kMaxDiskGiB = 16 * 1024;      // 16 TiB
 inline constexpr size_t kMaxCmdline = 1024;
 inline constexpr size_t kMaxNetworks = 8;
+// Largest spec document accepted, in bytes.
+inline constexpr size_t kMaxSpecBytes = 64 * 1024;
 
 struct VmNetworkAttachment {
   NetworkName network;
@@ -33,8 +35,8 @@ struct VmNetworkAttachment {
 
 struct VmSpec {
   std::optional<VmId> id;  // absent: the node generates one
-  VmName name;
-  TenantId tenant;
+  VmName name = VmName::trusted("unnamed");
+  TenantId tenant = TenantId::trusted("unnamed");
   uint32_t vcpus = 1;
   uint64_t memory_mib = 0;
   // Disk image: "name:tag" (ImageRef syntax) or "sha256:<64 hex>" (Digest syntax).
@@ -57,7 +59,8 @@ Result<VmSpec> parse_vm_spec(std::string_view json_text);
 // result yields `spec` again.
 std::string vm_spec_to_json(const VmSpec& spec);
 
-// True when `ref` is a digest reference ("sha256:...") rather than a name:tag.
+// True when `ref` is a digest reference ("sha256:...") rather than a name:tag. Any reference
+// starting with "sha256:" is judged as a digest, so "sha256" is never an image name.
 bool is_digest_ref(std::string_view ref);
 
 }  // namespace nm

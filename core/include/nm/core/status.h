@@ -17,15 +17,15 @@ namespace nm {
 
 enum class Code {
   kOk = 0,
-  kInvalidArgument,      // the caller's input breaks a rule; nothing was changed
-  kNotFound,             // the named object does not exist
-  kAlreadyExists,        // an object with that identity exists
-  kConflict,             // the object's current state forbids the operation (in use, busy...)
-  kQuotaExceeded,        // a per-tenant limit would be exceeded
-  kInsufficientCapacity, // the host lacks the resources
-  kUnavailable,          // a dependency (libvirt, the database, the disk) is not usable now
-  kAccessDenied,         // the caller may not do this
-  kInternal,             // a bug or an unexpected environment; see the log
+  kInvalidArgument,       // the caller's input breaks a rule; nothing was changed
+  kNotFound,              // the named object does not exist
+  kAlreadyExists,         // an object with that identity exists
+  kConflict,              // the object's current state forbids the operation (in use, busy...)
+  kQuotaExceeded,         // a per-tenant limit would be exceeded
+  kInsufficientCapacity,  // the host lacks the resources
+  kUnavailable,           // a dependency (libvirt, the database, the disk) is not usable now
+  kAccessDenied,          // the caller may not do this
+  kInternal,              // a bug or an unexpected environment; see the log
 };
 
 // "InvalidArgument", "NotFound"... : the suffix of the D-Bus error name.
@@ -55,18 +55,30 @@ class [[nodiscard]] Status {
   std::string message_;
 };
 
-inline Status invalid_argument(std::string m) { return {Code::kInvalidArgument, std::move(m)}; }
-inline Status not_found(std::string m) { return {Code::kNotFound, std::move(m)}; }
-inline Status already_exists(std::string m) { return {Code::kAlreadyExists, std::move(m)}; }
-inline Status conflict(std::string m) { return {Code::kConflict, std::move(m)}; }
-inline Status unavailable(std::string m) { return {Code::kUnavailable, std::move(m)}; }
-inline Status internal_error(std::string m) { return {Code::kInternal, std::move(m)}; }
+inline Status invalid_argument(std::string m) {
+  return {Code::kInvalidArgument, std::move(m)};
+}
+inline Status not_found(std::string m) {
+  return {Code::kNotFound, std::move(m)};
+}
+inline Status already_exists(std::string m) {
+  return {Code::kAlreadyExists, std::move(m)};
+}
+inline Status conflict(std::string m) {
+  return {Code::kConflict, std::move(m)};
+}
+inline Status unavailable(std::string m) {
+  return {Code::kUnavailable, std::move(m)};
+}
+inline Status internal_error(std::string m) {
+  return {Code::kInternal, std::move(m)};
+}
 
 // A value or a non-OK Status. GCC 12's std::expected is partial and clang 14 has none.
 template <typename T>
 class [[nodiscard]] Result {
  public:
-  Result(T value) : v_(std::move(value)) {}  // NOLINT(google-explicit-constructor)
+  Result(T value) : v_(std::move(value)) {}        // NOLINT(google-explicit-constructor)
   Result(Status status) : v_(std::move(status)) {  // NOLINT(google-explicit-constructor)
     assert(!std::get<Status>(v_).is_ok() && "Result built from an OK Status");
   }
@@ -91,15 +103,16 @@ class [[nodiscard]] Result {
 
 }  // namespace nm
 
-// Evaluates a Status expression and returns it from the enclosing function when not OK.
-#define NM_RETURN_IF_ERROR(expr)              \
-  do {                                        \
-    ::nm::Status nm_status_ = (expr);         \
-    if (!nm_status_.is_ok()) return nm_status_; \
-  } while (0)
-
 #define NM_CONCAT_INNER(a, b) a##b
 #define NM_CONCAT(a, b) NM_CONCAT_INNER(a, b)
+
+// Evaluates a Status expression and returns it from the enclosing function when not OK.
+#define NM_RETURN_IF_ERROR(expr) NM_RETURN_IF_ERROR_IMPL(NM_CONCAT(nm_status_, __LINE__), expr)
+#define NM_RETURN_IF_ERROR_IMPL(tmp, expr) \
+  do {                                     \
+    ::nm::Status tmp = (expr);             \
+    if (!tmp.is_ok()) return tmp;          \
+  } while (0)
 #define NM_ASSIGN_OR_RETURN_IMPL(tmp, lhs, expr) \
   auto tmp = (expr);                             \
   if (!tmp.is_ok()) return tmp.status();         \
