@@ -11,6 +11,7 @@
 #include <functional>
 #include <optional>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "nm/core/ids.h"
@@ -29,7 +30,29 @@ enum class DomainState {
   kCrashed,
   kSuspended,  // PM-suspended
 };
-std::string_view domain_state_name(DomainState s);  // "running", "shutoff", ...
+// libvirt's own short names: "nostate", "running", "blocked", "paused", "shutdown", "shutoff",
+// "crashed", "pmsuspended".
+inline std::string_view domain_state_name(DomainState s) {
+  switch (s) {
+    case DomainState::kNoState:
+      return "nostate";
+    case DomainState::kRunning:
+      return "running";
+    case DomainState::kBlocked:
+      return "blocked";
+    case DomainState::kPaused:
+      return "paused";
+    case DomainState::kShuttingDown:
+      return "shutdown";
+    case DomainState::kShutOff:
+      return "shutoff";
+    case DomainState::kCrashed:
+      return "crashed";
+    case DomainState::kSuspended:
+      return "pmsuspended";
+  }
+  return "nostate";
+}
 
 struct DomainInfo {
   std::string uuid;  // libvirt's UUID (equals the VmId for our domains)
@@ -40,8 +63,18 @@ struct DomainInfo {
   std::optional<DomainOwner> owner;  // set when the domain carries our metadata element
 };
 
-enum class DomainEventKind { kDefined, kUndefined, kStarted, kSuspended, kResumed, kStopped,
-                             kShutdown, kCrashed, kPMSuspended, kOther };
+enum class DomainEventKind {
+  kDefined,
+  kUndefined,
+  kStarted,
+  kSuspended,
+  kResumed,
+  kStopped,
+  kShutdown,
+  kCrashed,
+  kPMSuspended,
+  kOther
+};
 
 struct DomainEvent {
   std::string uuid;
@@ -77,6 +110,9 @@ class Hypervisor {
   virtual Result<std::string> create_overlay(const VmId& id, const std::string& base_path,
                                              const std::string& base_format,
                                              uint64_t capacity_bytes) = 0;
+  // The path of the VM's existing overlay volume, or nullopt when it has none. Used to re-define
+  // a domain that vanished without touching the guest's disk.
+  virtual Result<std::optional<std::string>> find_overlay(const VmId& id) = 0;
   // Deletes the VM's overlay volume; OK if absent.
   virtual Status delete_overlay(const VmId& id) = 0;
   // The VM ids that have an overlay volume (for orphan detection).
