@@ -12,6 +12,7 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "nm/core/ids.h"
@@ -21,17 +22,20 @@
 namespace nm {
 
 enum class PowerIntent { kStopped, kRunning };
-std::string_view power_intent_name(PowerIntent p);  // "stopped", "running"
+// "stopped", "running". Inline so that users of the port need not link the SQLite adapter.
+inline std::string_view power_intent_name(PowerIntent p) {
+  return p == PowerIntent::kRunning ? "running" : "stopped";
+}
 
 struct VmRecord {
   VmId id = VmId::trusted("00000000-0000-0000-0000-000000000000");
-  VmSpec spec{.name = VmName::trusted("x"), .tenant = TenantId::trusted("x")};
+  VmSpec spec;
   PowerIntent power = PowerIntent::kStopped;  // desired power state
-  bool deleting = false;            // desired: gone; the reconciler finishes the removal
-  uint64_t generation = 1;          // bumped on every change of desired state
-  uint64_t observed_generation = 0; // the generation the reconciler last converged
-  std::string state = "pending";    // last observed state, shown to clients
-  std::string state_reason;         // why it is in that state ("created", "crashed", ...)
+  bool deleting = false;                      // desired: gone; the reconciler finishes the removal
+  uint64_t generation = 1;                    // bumped on every change of desired state
+  uint64_t observed_generation = 0;           // the generation the reconciler last converged
+  std::string state = "pending";              // last observed state, shown to clients
+  std::string state_reason;                   // why it is in that state ("created", "crashed", ...)
   // Images resolved at create time: the VM keeps its bytes even if a tag moves later.
   Digest image_digest = Digest::trusted("sha256:" + std::string(64, '0'));
   std::optional<Digest> kernel_digest;
@@ -54,7 +58,8 @@ struct RequestRecord {
 struct EventRecord {
   uint64_t seq = 0;  // strictly increasing, never reused (also after restarts and trimming)
   uint64_t ts_us = 0;
-  std::string kind;       // "VmStateChanged", "JobRemoved", "ImageImported", "ImageRemoved", "OrphanFound"
+  std::string
+      kind;  // "VmStateChanged", "JobRemoved", "ImageImported", "ImageRemoved", "OrphanFound"
   std::string object_id;  // a VM id, job id or image digest
   std::string payload_json;
   bool operator==(const EventRecord&) const = default;
@@ -102,6 +107,14 @@ class StateStore {
 
 // Opens (creating if needed) the database at `path` and migrates it to the newest schema.
 // Refuses a database written by a newer nodemanager (schema version too high).
+//
+// SqliteStateStore details: journal_mode=WAL, synchronous=FULL, foreign_keys=ON, busy timeout
+// 5 s; `PRAGMA user_version` is the schema version, each migration step runs in its own
+// transaction. Request records older than `now_us - options.request_retention_us` are dropped
+// here. SQLite errors map to Status as: disk full, I/O error, busy/locked, read-only, cannot open
+// -> Unavailable; a primary-key or unique violation (duplicate request id, VM name taken) ->
+// AlreadyExists; anything else -> Internal; the message carries SQLite's own text. Calling
+// transact() from inside transact() is a programming error (asserts; Internal in release builds).
 Result<std::unique_ptr<StateStore>> open_sqlite_state_store(const std::string& path,
                                                             const SqliteOptions& options,
                                                             uint64_t now_us);

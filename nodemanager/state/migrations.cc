@@ -1,0 +1,64 @@
+#include "migrations.h"
+
+#include <array>
+
+namespace nm::state {
+namespace {
+
+constexpr std::array kMigrations = {
+    Migration{1, R"sql(
+CREATE TABLE vms (
+  id                  TEXT PRIMARY KEY NOT NULL,
+  name                TEXT NOT NULL UNIQUE,
+  tenant              TEXT NOT NULL,
+  spec_json           TEXT NOT NULL,
+  power               TEXT NOT NULL CHECK (power IN ('stopped', 'running')),
+  deleting            INTEGER NOT NULL CHECK (deleting IN (0, 1)),
+  generation          INTEGER NOT NULL,
+  observed_generation INTEGER NOT NULL,
+  state               TEXT NOT NULL,
+  state_reason        TEXT NOT NULL,
+  image_digest        TEXT NOT NULL,
+  kernel_digest       TEXT,
+  initrd_digest       TEXT,
+  created_us          INTEGER NOT NULL,
+  updated_us          INTEGER NOT NULL
+) STRICT;
+CREATE INDEX vms_by_tenant ON vms (tenant);
+
+CREATE TABLE requests (
+  id          TEXT PRIMARY KEY NOT NULL,
+  method      TEXT NOT NULL,
+  fingerprint TEXT NOT NULL,
+  reply_json  TEXT NOT NULL,
+  created_us  INTEGER NOT NULL
+) STRICT;
+CREATE INDEX requests_by_age ON requests (created_us);
+
+CREATE TABLE events (
+  seq          INTEGER PRIMARY KEY,
+  ts_us        INTEGER NOT NULL,
+  kind         TEXT NOT NULL,
+  object_id    TEXT NOT NULL,
+  payload_json TEXT NOT NULL
+) STRICT;
+
+CREATE TABLE meta (
+  key   TEXT PRIMARY KEY NOT NULL,
+  value INTEGER NOT NULL
+) STRICT;
+INSERT INTO meta (key, value) VALUES ('last_event_seq', 0), ('last_job_id', 0);
+)sql"},
+};
+
+}  // namespace
+
+std::span<const Migration> migrations() {
+  return kMigrations;
+}
+
+int latest_schema_version() {
+  return kMigrations.back().version;
+}
+
+}  // namespace nm::state

@@ -1,0 +1,335 @@
+#include <gtest/gtest.h>
+#include <sqlite3.h>
+#include <sys/mount.h>
+#include <unistd.h>
+
+#include <filesystem>
+#include <fstream>
+
+#include "nm/state_store.h"
+
+namespace nm {
+namespace {
+
+namespace fs = std::filesystem;
+
+constexpr uint64_t kNow = 1'700'000'000'000'000;
+
+VmSpec spec_named(const std::string& name) {
+  auto spec = parse_vm_spec(R"({"name": ")" + name +
+                            R"(", "tenant": "contoso", "vcpus": 2, "memory_mib": 512,
+        "image": "busybox-guest:1", "disk_gib": 4, "kernel_image": "vmlinuz:6.1",
+        "initrd_image": "initrd:1", "cmdline": "console=ttyS0",
+        "networks": [{"network": "contoso-a", "ip": "10.0.0.5"}], "autostart": false})");
+  EXPECT_TRUE(spec.is_ok()) << spec.status().to_string();
+  return std::move(spec).value();
+}
+
+Digest digest(char c) {
+  return Digest::trusted("sha256:" + std::string(64, c));
+}
+
+VmRecord vm_named(const std::string& name, const std::string& id) {
+  VmRecord vm;
+  vm.id = VmId::trusted(id);
+  vm.spec = spec_named(name);
+  vm.power = PowerIntent::kRunning;
+  vm.generation = 3;
+  vm.observed_generation = 2;
+  vm.state = "running";
+  vm.state_reason = "started";
+  vm.image_digest = digest('a');
+  vm.kernel_digest = digest('b');
+  vm.initrd_digest = std::nullopt;
+  vm.created_us = kNow;
+  vm.updated_us = kNow + 5;
+  return vm;
+}
+
+constexpr const char* kId1 = "11111111-1111-4111-8111-111111111111";
+constexpr const char* kId2 = "22222222-2222-4222-8222-222222222222";
+
+class SqliteStateStoreTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    const auto* info = ::testing::UnitTest::GetInstance()->current_test_info();
+    dir_ = fs::path(::testing::TempDir()) /
+           (std::string("state_test_") + info->name() + "_" + std::to_string(::getpid()));
+    fs::remove_all(dir_);
+    fs::create_directories(dir_);
+    path_ = (dir_ / "state.db").string();
+  }
+  void TearDown() override {
+    store_.reset();
+    fs::remove_all(dir_);
+  }
+
+  void open(const SqliteOptions& options = {}, uint64_t now_us = kNow) {
+    store_.reset();
+    auto s = open_sqlite_state_store(path_, options, now_us);
+    ASSERT_TRUE(s.is_ok()) << s.status().to_string();
+    store_ = std::move(s).value();
+  }
+
+  Status put(const VmRecord& vm) {
+    return store_->transact([&](StateTxn& txn) { return txn.put_vm(vm); });
+  }
+
+  fs::path dir_;
+  std::string path_;
+  std::unique_ptr<StateStore> store_;
+};
+
+TEST_F(SqliteStateStoreTest, VmRecordsRoundTripIncludingTheSpec) {
+  open();
+  const VmRecord a = vm_named("web-1", kId1);
+  VmRecord b = vm_named("db-1", kId2);
+  b.power = PowerIntent::kStopped;
+  b.deleting = true;
+  b.kernel_digest.reset();
+  b.initrd_digest = digest('c');
+  b.generation = uint64_t{1} << 62;
+  ASSERT_TRUE(put(a).is_ok());
+  ASSERT_TRUE(put(b).is_ok());
+
+  open();  // from disk, not from a cache
+  auto got = store_->get_vm(a.id);
+  ASSERT_TRUE(got.is_ok()) << got.status().to_string();
+  ASSERT_TRUE(got->has_value());
+  EXPECT_EQ(**got, a);
+  EXPECT_EQ((*got)->spec.networks.at(0).ip, "10.0.0.5");
+
+  auto all = store_->list_vms();
+  ASSERT_TRUE(all.is_ok()) << all.status().to_string();
+  ASSERT_EQ(all->size(), 2u);
+  EXPECT_EQ((*all)[0], b);  // ordered by name
+  EXPECT_EQ((*all)[1], a);
+
+  EXPECT_FALSE(store_->get_vm(VmId::trusted("33333333-3333-4333-8333-333333333333"))->has_value());
+}
+
+TEST_F(SqliteStateStoreTest, PutReplacesByIdAndDeleteRemoves) {
+  open();
+  VmRecord vm = vm_named("web-1", kId1);
+  ASSERT_TRUE(put(vm).is_ok());
+  vm.generation = 4;
+  vm.spec = spec_named("web-renamed");
+  vm.state = "stopped";
+  ASSERT_TRUE(put(vm).is_ok());
+  EXPECT_EQ(**store_->get_vm(vm.id), vm);
+  EXPECT_EQ(store_->list_vms()->size(), 1u);
+
+  ASSERT_TRUE(store_->transact([&](StateTxn& txn) { return txn.delete_vm(vm.id); }).is_ok());
+  EXPECT_FALSE(store_->get_vm(vm.id)->has_value());
+  EXPECT_TRUE(store_->transact([&](StateTxn& txn) { return txn.delete_vm(vm.id); }).is_ok());
+}
+
+TEST_F(SqliteStateStoreTest, DuplicateNameIsAlreadyExistsAndKeepsTheFirstVm) {
+  open();
+  ASSERT_TRUE(put(vm_named("web-1", kId1)).is_ok());
+  const Status st = put(vm_named("web-1", kId2));
+  EXPECT_EQ(st.code(), Code::kAlreadyExists) << st.to_string();
+  EXPECT_NE(st.message().find("web-1"), std::string::npos) << st.message();
+  auto all = store_->list_vms();
+  ASSERT_EQ(all->size(), 1u);
+  EXPECT_EQ((*all)[0].id.str(), kId1);
+}
+
+TEST_F(SqliteStateStoreTest, FailedTransactionLeavesNothing) {
+  open();
+  const Status st = store_->transact([&](StateTxn& txn) -> Status {
+    NM_RETURN_IF_ERROR(txn.put_vm(vm_named("web-1", kId1)));
+    NM_RETURN_IF_ERROR(txn.put_request({.id = RequestId::trusted("req-1"),
+                                        .method = "CreateVm",
+                                        .fingerprint = "f",
+                                        .reply_json = "{}",
+                                        .created_us = kNow}));
+    NM_RETURN_IF_ERROR(txn.append_event("VmStateChanged", kId1, "{}", kNow).status());
+    NM_RETURN_IF_ERROR(txn.allocate_job_id().status());
+    return conflict("changed my mind");
+  });
+  EXPECT_EQ(st.code(), Code::kConflict);
+  EXPECT_EQ(st.message(), "changed my mind");
+  EXPECT_TRUE(store_->list_vms()->empty());
+  EXPECT_FALSE(store_->get_request(RequestId::trusted("req-1"))->has_value());
+  EXPECT_TRUE(store_->events_since(0, 100)->empty());
+  EXPECT_EQ(*store_->last_event_seq(), 0u);
+
+  // The rolled-back job id is handed out again: it was never seen by anyone.
+  uint64_t job = 0;
+  ASSERT_TRUE(store_
+                  ->transact([&](StateTxn& txn) -> Status {
+                    NM_ASSIGN_OR_RETURN(job, txn.allocate_job_id());
+                    return Status::ok();
+                  })
+                  .is_ok());
+  EXPECT_EQ(job, 1u);
+}
+
+TEST_F(SqliteStateStoreTest, RequestRecordsAreWrittenOnceAndExpireAtOpen) {
+  open();
+  const RequestRecord req{.id = RequestId::trusted("req-1"),
+                          .method = "CreateVm",
+                          .fingerprint = "name=web-1",
+                          .reply_json = R"({"job":"/org/nodemanager/NodeManager1/job/1"})",
+                          .created_us = kNow};
+  ASSERT_TRUE(store_->transact([&](StateTxn& txn) { return txn.put_request(req); }).is_ok());
+  RequestRecord again = req;
+  again.reply_json = "{}";
+  const Status dup = store_->transact([&](StateTxn& txn) { return txn.put_request(again); });
+  EXPECT_EQ(dup.code(), Code::kAlreadyExists) << dup.to_string();
+  EXPECT_EQ(**store_->get_request(req.id), req);
+
+  SqliteOptions options;
+  options.request_retention_us = 1000;
+  open(options, kNow + 1000);  // exactly at the horizon: kept
+  EXPECT_TRUE(store_->get_request(req.id)->has_value());
+  open(options, kNow + 1001);
+  EXPECT_FALSE(store_->get_request(req.id)->has_value());
+}
+
+TEST_F(SqliteStateStoreTest, EventSeqIsNeverReusedAcrossTrimmingAndReopen) {
+  SqliteOptions options;
+  options.event_capacity = 5;
+  open(options);
+  for (uint64_t i = 1; i <= 12; ++i) {
+    ASSERT_TRUE(store_
+                    ->transact([&](StateTxn& txn) -> Status {
+                      NM_ASSIGN_OR_RETURN(
+                          EventRecord e,
+                          txn.append_event("VmStateChanged", kId1,
+                                           "{\"n\":" + std::to_string(i) + "}", kNow + i));
+                      EXPECT_EQ(e.seq, i);
+                      return Status::ok();
+                    })
+                    .is_ok());
+  }
+  open(options);
+  EXPECT_EQ(*store_->last_event_seq(), 12u);
+  auto kept = store_->events_since(0, 100);
+  ASSERT_TRUE(kept.is_ok()) << kept.status().to_string();
+  ASSERT_EQ(kept->size(), 5u);
+  EXPECT_EQ(kept->front().seq, 8u);
+  EXPECT_EQ(kept->back().seq, 12u);
+  EXPECT_EQ(kept->back().payload_json, "{\"n\":12}");
+  EXPECT_EQ(kept->back().ts_us, kNow + 12);
+  EXPECT_EQ(kept->back().kind, "VmStateChanged");
+  EXPECT_EQ(kept->back().object_id, kId1);
+
+  EventRecord next;
+  ASSERT_TRUE(store_
+                  ->transact([&](StateTxn& txn) -> Status {
+                    NM_ASSIGN_OR_RETURN(next, txn.append_event("JobRemoved", "7", "{}", kNow));
+                    return Status::ok();
+                  })
+                  .is_ok());
+  EXPECT_EQ(next.seq, 13u);
+
+  auto since = store_->events_since(10, 2);
+  ASSERT_EQ(since->size(), 2u);
+  EXPECT_EQ((*since)[0].seq, 11u);
+  EXPECT_EQ((*since)[1].seq, 12u);
+}
+
+TEST_F(SqliteStateStoreTest, JobIdsAreNeverReusedAcrossReopen) {
+  open();
+  auto allocate = [&] {
+    uint64_t id = 0;
+    EXPECT_TRUE(store_
+                    ->transact([&](StateTxn& txn) -> Status {
+                      NM_ASSIGN_OR_RETURN(id, txn.allocate_job_id());
+                      return Status::ok();
+                    })
+                    .is_ok());
+    return id;
+  };
+  EXPECT_EQ(allocate(), 1u);
+  EXPECT_EQ(allocate(), 2u);
+  open();
+  EXPECT_EQ(allocate(), 3u);
+}
+
+TEST_F(SqliteStateStoreTest, MigratesAnEmptyFileAndUsesWal) {
+  std::ofstream(path_).close();
+  ASSERT_EQ(fs::file_size(path_), 0u);
+  open();
+  EXPECT_EQ(store_->schema_version(), 1);
+  ASSERT_TRUE(put(vm_named("web-1", kId1)).is_ok());
+  EXPECT_TRUE(fs::exists(path_ + "-wal"));
+  open();  // already migrated: a no-op
+  EXPECT_EQ(store_->schema_version(), 1);
+  EXPECT_EQ(store_->list_vms()->size(), 1u);
+}
+
+TEST_F(SqliteStateStoreTest, RefusesADatabaseFromANewerNodemanager) {
+  open();
+  store_.reset();
+  sqlite3* raw = nullptr;
+  ASSERT_EQ(sqlite3_open(path_.c_str(), &raw), SQLITE_OK);
+  ASSERT_EQ(sqlite3_exec(raw, "PRAGMA user_version = 99", nullptr, nullptr, nullptr), SQLITE_OK);
+  sqlite3_close(raw);
+
+  auto s = open_sqlite_state_store(path_, {}, kNow);
+  ASSERT_FALSE(s.is_ok());
+  EXPECT_EQ(s.status().code(), Code::kUnavailable);
+  EXPECT_NE(s.status().message().find("schema version 99"), std::string::npos)
+      << s.status().message();
+}
+
+TEST_F(SqliteStateStoreTest, UnopenablePathIsUnavailable) {
+  auto s = open_sqlite_state_store((dir_ / "missing" / "state.db").string(), {}, kNow);
+  ASSERT_FALSE(s.is_ok());
+  EXPECT_EQ(s.status().code(), Code::kUnavailable) << s.status().to_string();
+}
+
+TEST_F(SqliteStateStoreTest, FullDiskFailsTheCommitAsUnavailableAndKeepsWorking) {
+  const fs::path small = dir_ / "small";
+  fs::create_directories(small);
+  if (::mount("tmpfs", small.c_str(), "tmpfs", 0, "size=256k") != 0) {
+    GTEST_SKIP() << "cannot mount a small tmpfs here (needs CAP_SYS_ADMIN)";
+  }
+  path_ = (small / "state.db").string();
+  open();
+  const std::string payload(16 * 1024, 'x');
+  Status failed;
+  uint64_t committed = 0;
+  for (int i = 0; i < 64 && failed.is_ok(); ++i) {
+    failed = store_->transact([&](StateTxn& txn) {
+      return txn.append_event("VmStateChanged", kId1, payload, kNow).status();
+    });
+    if (failed.is_ok()) ++committed;
+  }
+  RecordProperty("failure", failed.to_string());
+  EXPECT_EQ(failed.code(), Code::kUnavailable) << failed.to_string();
+  EXPECT_GT(committed, 0u);
+  auto last = store_->last_event_seq();
+  ASSERT_TRUE(last.is_ok()) << last.status().to_string();
+  EXPECT_EQ(*last, committed);
+  store_.reset();
+  EXPECT_EQ(::umount2(small.c_str(), MNT_DETACH), 0);
+}
+
+TEST_F(SqliteStateStoreTest, NestedTransactIsAProgrammingError) {
+  open();
+  auto nested = [&] {
+    return store_->transact([&](StateTxn& txn) -> Status {
+      NM_RETURN_IF_ERROR(txn.put_vm(vm_named("web-1", kId1)));
+      return store_->transact([](StateTxn&) { return Status::ok(); });
+    });
+  };
+#ifdef NDEBUG
+  EXPECT_EQ(nested().code(), Code::kInternal);
+  EXPECT_TRUE(store_->list_vms()->empty());
+  EXPECT_TRUE(put(vm_named("web-1", kId1)).is_ok());
+#else
+  EXPECT_DEATH((void)nested(), "nested");
+#endif
+}
+
+TEST(PowerIntentName, NamesBothStates) {
+  EXPECT_EQ(power_intent_name(PowerIntent::kRunning), "running");
+  EXPECT_EQ(power_intent_name(PowerIntent::kStopped), "stopped");
+}
+
+}  // namespace
+}  // namespace nm
