@@ -20,7 +20,7 @@ class WorkerPool {
  public:
   // Starts `threads` threads.
   explicit WorkerPool(unsigned threads);
-  // Finishes queued work, then joins.
+  // Discards work that has not started, waits for running work, then joins.
   ~WorkerPool();
   WorkerPool(const WorkerPool&) = delete;
   WorkerPool& operator=(const WorkerPool&) = delete;

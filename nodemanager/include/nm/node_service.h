@@ -38,7 +38,13 @@ struct ServiceOptions {
   // What the reconciler does with domains that carry our metadata but that the database does not
   // know. Default: report (an OrphanFound event and a warning), never silently keep.
   OrphanPolicy orphan_policy = OrphanPolicy::kReport;
+  // Testing aid: each job sleeps this long between its steps (interruptible by Cancel), to widen
+  // crash windows in tests. Default 0; never set in production.
+  std::chrono::milliseconds debug_job_delay{0};
 };
+
+// Where a VM's serial console is written: <instances_dir>/<id>.serial.log.
+std::string serial_log_path(const ServiceOptions& options, const VmId& id);
 
 enum class JobState { kQueued, kRunning };
 std::string_view job_state_name(JobState s);  // "queued", "running"
@@ -103,8 +109,7 @@ class NodeService {
   // ---- Images ----
   virtual Result<uint32_t> import_image(std::string_view image, UniqueFd data,
                                         std::string_view sha256, std::string_view kind,
-                                        std::string_view tenant,
-                                        std::string_view request_id) = 0;
+                                        std::string_view tenant, std::string_view request_id) = 0;
   virtual std::vector<ImageInfo> list_images() const = 0;
   // Conflict (naming the VMs) while a VM uses the image.
   virtual Status remove_image(std::string_view image, std::string_view request_id) = 0;
@@ -124,6 +129,9 @@ class NodeService {
   virtual void audit() = 0;
   // Jobs queued or running (for STATUS= lines and clean shutdown).
   virtual size_t active_jobs() const = 0;
+  // Before the daemon exits: asks running jobs to stop at their next step. Nothing is lost:
+  // desired state is durable and the next start() finishes what they began. Guests keep running.
+  virtual void shutdown() {}
 };
 
 // GetVm's JSON document: {"id", "spec", "state", "state_reason", "desired_power", "generation",

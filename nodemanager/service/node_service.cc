@@ -1,0 +1,1229 @@
+#include "nm/node_service.h"
+
+#include <algorithm>
+#include <atomic>
+#include <condition_variable>
+#include <deque>
+#include <map>
+#include <mutex>
+#include <nlohmann/json.hpp>
+#include <set>
+
+#include "nm/core/log.h"
+#include "nm/domain_xml.h"
+#include "nm/vm_spec.h"
+
+namespace nm {
+
+using json = nlohmann::json;
+
+std::string_view job_state_name(JobState s) {
+  return s == JobState::kQueued ? "queued" : "running";
+}
+
+std::string serial_log_path(const ServiceOptions& options, const VmId& id) {
+  return options.instances_dir + "/" + id.str() + ".serial.log";
+}
+
+std::string vm_record_to_json(const VmRecord& vm) {
+  json j = {
+      {"id", vm.id.str()},
+      {"name", vm.spec.name.str()},
+      {"tenant", vm.spec.tenant.str()},
+      {"spec", json::parse(vm_spec_to_json(vm.spec))},
+      {"state", vm.state},
+      {"state_reason", vm.state_reason},
+      {"desired_power", std::string(power_intent_name(vm.power))},
+      {"deleting", vm.deleting},
+      {"generation", vm.generation},
+      {"observed_generation", vm.observed_generation},
+      {"image_digest", vm.image_digest.str()},
+      {"created_us", vm.created_us},
+      {"updated_us", vm.updated_us},
+  };
+  if (vm.kernel_digest) j["kernel_digest"] = vm.kernel_digest->str();
+  if (vm.initrd_digest) j["initrd_digest"] = vm.initrd_digest->str();
+  return j.dump();
+}
+
+namespace {
+
+constexpr uint64_t kGiB = 1ull << 30;
+
+std::string observed_state(DomainState s) {
+  switch (s) {
+    case DomainState::kRunning:
+    case DomainState::kBlocked:
+      return "running";
+    case DomainState::kPaused:
+      return "paused";
+    case DomainState::kShuttingDown:
+      return "stopping";
+    case DomainState::kShutOff:
+      return "stopped";
+    case DomainState::kCrashed:
+      return "crashed";
+    case DomainState::kSuspended:
+      return "suspended";
+    case DomainState::kNoState:
+      break;
+  }
+  return "unknown";
+}
+
+Status cancelled_status() {
+  return conflict("cancelled");
+}
+
+// Shared by the loop thread and the worker that runs a job.
+struct JobContext {
+  std::atomic<bool> cancelled{false};
+  std::mutex mu;
+  std::condition_variable cv;
+  uint64_t wakeups = 0;
+
+  uint64_t seen() {
+    std::lock_guard lock(mu);
+    return wakeups;
+  }
+  // Wakes a worker waiting in wait_until() (a domain event arrived, or Cancel()).
+  void notify() {
+    {
+      std::lock_guard lock(mu);
+      ++wakeups;
+    }
+    cv.notify_all();
+  }
+  // Waits until notify() after `seen`, cancellation, or `deadline`.
+  void wait_until(uint64_t seen_wakeups, std::chrono::steady_clock::time_point deadline) {
+    std::unique_lock lock(mu);
+    cv.wait_until(lock, deadline, [&] { return wakeups != seen_wakeups || cancelled.load(); });
+  }
+  // Sleeps for `d` unless cancelled first. Returns false when cancelled.
+  bool pause(std::chrono::milliseconds d) {
+    if (d.count() <= 0) return !cancelled.load();
+    std::unique_lock lock(mu);
+    cv.wait_for(lock, d, [&] { return cancelled.load(); });
+    return !cancelled.load();
+  }
+};
+
+struct Job {
+  JobView view;
+  std::string key;  // jobs with the same key run one at a time, in order
+  std::shared_ptr<JobContext> ctx = std::make_shared<JobContext>();
+  // Blocking part, on a worker thread. Must only touch what it captured and thread-safe ports.
+  std::function<Status(JobContext&)> work;
+  // Loop part, with the work's Status and whether Cancel() was asked.
+  std::function<void(const Status&, bool cancelled)> finish;
+  // Loop part when the job is cancelled before it ran.
+  std::function<void()> revert;
+  bool cancellable_while_running = true;
+  double last_progress_posted = 0.0;
+};
+
+class NodeServiceImpl final : public NodeService {
+ public:
+  NodeServiceImpl(ServiceDeps deps, ServiceOptions options)
+      : d_(deps), opt_(std::move(options)), log_(logger("service")) {}
+
+  ~NodeServiceImpl() override {
+    *alive_ = false;
+    d_.hypervisor.set_event_handler(nullptr);
+  }
+
+  void shutdown() override {
+    d_.hypervisor.set_event_handler(nullptr);
+    for (auto& [id, job] : jobs_) {
+      job->ctx->cancelled = true;
+      job->ctx->notify();
+    }
+  }
+
+  void set_observer(ServiceObserver* observer) override { observer_ = observer; }
+
+  Status start() override {
+    domain_type_ =
+        opt_.domain_type.empty() ? d_.hypervisor.default_domain_type() : opt_.domain_type;
+    NM_ASSIGN_OR_RETURN(auto records, d_.store.list_vms());
+    NM_ASSIGN_OR_RETURN(last_seq_, d_.store.last_event_seq());
+    for (auto& r : records) {
+      name_index_[r.spec.name.str()] = r.id.str();
+      auto [it, _] = vms_.emplace(r.id.str(), std::move(r));
+      if (observer_) observer_->on_vm_added(it->second);
+    }
+    d_.hypervisor.set_event_handler([this, alive = alive_](const DomainEvent& ev) {
+      d_.loop.post([this, alive, ev] {
+        if (*alive) on_domain_event(ev);
+      });
+    });
+    NM_ASSIGN_OR_RETURN(auto domains, d_.hypervisor.list_domains());
+    NM_ASSIGN_OR_RETURN(auto overlays, d_.hypervisor.list_overlays());
+    log_->info("start-up reconcile: {} VMs in the database, {} domains on the hypervisor",
+               vms_.size(), domains.size());
+    reconcile_all(domains, overlays);
+    return Status::ok();
+  }
+
+  // ---------------------------------------------------------------- VMs
+
+  Result<CreateVmReply> create_vm(std::string_view spec_json,
+                                  std::string_view request_id) override {
+    NM_ASSIGN_OR_RETURN(auto rid, parse_request_id(request_id));
+    NM_ASSIGN_OR_RETURN(VmSpec spec, parse_vm_spec(spec_json));
+    const std::string fingerprint = vm_spec_to_json(spec);
+    NM_ASSIGN_OR_RETURN(auto replayed, replay(rid, "CreateVm", fingerprint));
+    if (replayed) {
+      return CreateVmReply{VmId::trusted(replayed->at("vm_id").get<std::string>()),
+                           replayed->at("job_id").get<uint32_t>()};
+    }
+    if (name_index_.count(spec.name.str())) {
+      return already_exists("spec.name: a VM named '" + spec.name.str() +
+                            "' already exists on this node");
+    }
+    if (spec.id && vms_.count(spec.id->str())) {
+      return already_exists("spec.id: a VM with id '" + spec.id->str() + "' already exists");
+    }
+    NM_ASSIGN_OR_RETURN(ImageInfo disk,
+                        resolve_image(spec.image, spec.tenant, ImageKind::kDisk, "spec.image"));
+    VmRecord vm;
+    if (spec.kernel_image) {
+      NM_ASSIGN_OR_RETURN(ImageInfo k, resolve_image(*spec.kernel_image, spec.tenant,
+                                                     ImageKind::kKernel, "spec.kernel_image"));
+      vm.kernel_digest = k.digest;
+    }
+    if (spec.initrd_image) {
+      NM_ASSIGN_OR_RETURN(ImageInfo i, resolve_image(*spec.initrd_image, spec.tenant,
+                                                     ImageKind::kInitrd, "spec.initrd_image"));
+      vm.initrd_digest = i.digest;
+    }
+    if (!spec.networks.empty()) {
+      return not_found("spec.networks[0].network: network '" + spec.networks[0].network.str() +
+                       "' of tenant '" + spec.tenant.str() +
+                       "' does not exist (tenant networks are not available on this node yet)");
+    }
+    if (spec.disk_gib != 0 && spec.disk_gib * kGiB < disk.virtual_size) {
+      return invalid_argument("spec.disk_gib: must be at least the image's virtual size (" +
+                              std::to_string((disk.virtual_size + kGiB - 1) / kGiB) + " GiB)");
+    }
+
+    vm.id = spec.id ? *spec.id : generate_vm_id();
+    vm.spec = std::move(spec);
+    vm.spec.id = vm.id;
+    vm.image_digest = disk.digest;
+    vm.power = PowerIntent::kStopped;
+    vm.generation = 1;
+    vm.observed_generation = 0;
+    vm.state = "creating";
+    vm.state_reason = "create requested";
+    vm.created_us = vm.updated_us = d_.clock.now_realtime_us();
+
+    uint32_t job_id = 0;
+    std::vector<EventRecord> events;
+    NM_RETURN_IF_ERROR(commit(
+        [&](StateTxn& txn) -> Status {
+          NM_ASSIGN_OR_RETURN(job_id, allocate_job(txn));
+          NM_RETURN_IF_ERROR(txn.put_vm(vm));
+          NM_RETURN_IF_ERROR(put_reply(txn, rid, "CreateVm", fingerprint,
+                                       {{"vm_id", vm.id.str()}, {"job_id", job_id}}));
+          return append_state_event(txn, vm, events);
+        },
+        events));
+    name_index_[vm.spec.name.str()] = vm.id.str();
+    auto& stored = vms_.insert_or_assign(vm.id.str(), vm).first->second;
+    if (observer_) observer_->on_vm_added(stored);
+    publish(events);
+    log_->info("vm '{}' ({}) of tenant '{}' created, job {}", stored.spec.name.str(),
+               stored.id.str(), stored.spec.tenant.str(), job_id);
+    enqueue(make_define_job(job_id, stored, /*fresh_disk=*/true));
+    return CreateVmReply{stored.id, job_id};
+  }
+
+  Result<uint32_t> start_vm(std::string_view ref, std::string_view request_id) override {
+    return power_request(ref, request_id, "StartVm", "", [&](VmRecord& vm, uint32_t id) {
+      vm.power = PowerIntent::kRunning;
+      return make_start_job(id, vm, "started");
+    });
+  }
+
+  Result<uint32_t> stop_vm(std::string_view ref, bool force, std::string_view request_id) override {
+    return power_request(ref, request_id, "StopVm", force ? "force" : "graceful",
+                         [&](VmRecord& vm, uint32_t id) {
+                           vm.power = PowerIntent::kStopped;
+                           return make_stop_job(id, vm, force);
+                         });
+  }
+
+  Result<uint32_t> reboot_vm(std::string_view ref, std::string_view request_id) override {
+    NM_ASSIGN_OR_RETURN(auto rid, parse_request_id(request_id));
+    NM_ASSIGN_OR_RETURN(VmRecord * vm, find_vm(ref));
+    NM_ASSIGN_OR_RETURN(auto replayed, replay(rid, "RebootVm", vm->id.str()));
+    if (replayed) return replayed->at("job_id").get<uint32_t>();
+    if (vm->deleting) return conflict("vm '" + vm->spec.name.str() + "' is being deleted");
+    uint32_t job_id = 0;
+    std::vector<EventRecord> events;
+    NM_RETURN_IF_ERROR(commit(
+        [&](StateTxn& txn) -> Status {
+          NM_ASSIGN_OR_RETURN(job_id, allocate_job(txn));
+          return put_reply(txn, rid, "RebootVm", vm->id.str(), {{"job_id", job_id}});
+        },
+        events));
+    enqueue(make_reboot_job(job_id, *vm));
+    return job_id;
+  }
+
+  Result<uint32_t> delete_vm(std::string_view ref, std::string_view request_id) override {
+    NM_ASSIGN_OR_RETURN(auto rid, parse_request_id(request_id));
+    NM_ASSIGN_OR_RETURN(VmRecord * vm, find_vm(ref));
+    NM_ASSIGN_OR_RETURN(auto replayed, replay(rid, "DeleteVm", vm->id.str()));
+    if (replayed) return replayed->at("job_id").get<uint32_t>();
+    if (vm->deleting) {
+      if (auto job = find_job(vm->id.str(), "delete")) return *job;
+    }
+    VmRecord next = *vm;
+    next.deleting = true;
+    next.generation += 1;
+    next.state = "deleting";
+    next.state_reason = "delete requested";
+    next.updated_us = d_.clock.now_realtime_us();
+    uint32_t job_id = 0;
+    std::vector<EventRecord> events;
+    NM_RETURN_IF_ERROR(commit(
+        [&](StateTxn& txn) -> Status {
+          NM_ASSIGN_OR_RETURN(job_id, allocate_job(txn));
+          NM_RETURN_IF_ERROR(txn.put_vm(next));
+          NM_RETURN_IF_ERROR(put_reply(txn, rid, "DeleteVm", next.id.str(), {{"job_id", job_id}}));
+          return append_state_event(txn, next, events);
+        },
+        events));
+    *vm = next;
+    if (observer_) observer_->on_vm_changed(*vm);
+    publish(events);
+    enqueue(make_delete_job(job_id, *vm));
+    return job_id;
+  }
+
+  Result<VmRecord> get_vm(std::string_view ref) const override {
+    NM_ASSIGN_OR_RETURN(const VmRecord* vm, find_vm_const(ref));
+    return *vm;
+  }
+
+  std::vector<VmRecord> list_vms(std::string_view tenant) const override {
+    std::vector<VmRecord> out;
+    out.reserve(vms_.size());
+    for (const auto& [id, vm] : vms_) {
+      if (tenant.empty() || vm.spec.tenant.str() == tenant) out.push_back(vm);
+    }
+    std::sort(out.begin(), out.end(), [](const VmRecord& a, const VmRecord& b) {
+      return std::tie(a.spec.tenant, a.spec.name) < std::tie(b.spec.tenant, b.spec.name);
+    });
+    return out;
+  }
+
+  // ---------------------------------------------------------------- images
+
+  Result<uint32_t> import_image(std::string_view image, UniqueFd data, std::string_view sha256,
+                                std::string_view kind_text, std::string_view tenant_text,
+                                std::string_view request_id) override {
+    NM_ASSIGN_OR_RETURN(auto rid, parse_request_id(request_id));
+    NM_ASSIGN_OR_RETURN(ImageRef ref, ImageRef::parse(image, "image"));
+    std::string digest_text(sha256);
+    if (digest_text.rfind("sha256:", 0) != 0) digest_text = "sha256:" + digest_text;
+    NM_ASSIGN_OR_RETURN(Digest digest, Digest::parse(digest_text, "sha256"));
+    NM_ASSIGN_OR_RETURN(ImageKind kind,
+                        parse_image_kind(kind_text.empty() ? "disk" : kind_text, "kind"));
+    std::optional<TenantId> tenant;
+    if (!tenant_text.empty()) {
+      NM_ASSIGN_OR_RETURN(TenantId t, TenantId::parse(tenant_text, "tenant"));
+      tenant = t;
+    }
+    if (!data.valid()) return invalid_argument("data: not a readable file descriptor");
+    const std::string fingerprint = ref.str() + "\n" + digest.str() + "\n" +
+                                    std::string(image_kind_name(kind)) + "\n" +
+                                    (tenant ? tenant->str() : "");
+    NM_ASSIGN_OR_RETURN(auto replayed, replay(rid, "ImportImage", fingerprint));
+    if (replayed) return replayed->at("job_id").get<uint32_t>();
+
+    uint32_t job_id = 0;
+    std::vector<EventRecord> events;
+    NM_RETURN_IF_ERROR(commit(
+        [&](StateTxn& txn) -> Status {
+          NM_ASSIGN_OR_RETURN(job_id, allocate_job(txn));
+          return put_reply(txn, rid, "ImportImage", fingerprint, {{"job_id", job_id}});
+        },
+        events));
+
+    auto job = std::make_unique<Job>();
+    job->view = {job_id, "import", ref.str(), JobState::kQueued, 0.0};
+    job->key = "image:" + ref.str();
+    auto fd = std::make_shared<UniqueFd>(std::move(data));
+    job->work = [this, ref, digest, kind, tenant, fd, job_id](JobContext& ctx) -> Status {
+      auto progress = [this, job_id](uint64_t done, uint64_t total) {
+        if (total == 0) return;
+        const double p = static_cast<double>(done) / static_cast<double>(total);
+        d_.loop.post([this, job_id, p] { set_progress(job_id, p); });
+      };
+      auto r = d_.images.import(ref, fd->get(), digest, kind, tenant, progress, &ctx.cancelled);
+      return r.status();
+    };
+    job->finish = [this, ref, digest](const Status& s, bool) {
+      if (!s.is_ok()) return;
+      std::vector<EventRecord> evs;
+      const Status c = commit(
+          [&](StateTxn& txn) {
+            return append(txn, "ImageImported", digest.str(),
+                          json{{"image", ref.str()}, {"digest", digest.str()}}, evs);
+          },
+          evs);
+      if (!c.is_ok()) log_->error("recording import of '{}': {}", ref.str(), c.to_string());
+      publish(evs);
+    };
+    job->revert = [] {};
+    enqueue(std::move(job));
+    return job_id;
+  }
+
+  std::vector<ImageInfo> list_images() const override { return d_.images.list(); }
+
+  Status remove_image(std::string_view image, std::string_view request_id) override {
+    NM_ASSIGN_OR_RETURN(auto rid, parse_request_id(request_id));
+    NM_ASSIGN_OR_RETURN(auto replayed, replay(rid, "RemoveImage", std::string(image)));
+    if (replayed) return Status::ok();
+    NM_ASSIGN_OR_RETURN(ImageInfo info, d_.images.resolve(image));
+    std::vector<std::string> users;
+    for (const auto& [id, vm] : vms_) {
+      if (vm.image_digest == info.digest || vm.kernel_digest == info.digest ||
+          vm.initrd_digest == info.digest) {
+        users.push_back("'" + vm.spec.name.str() + "'");
+      }
+    }
+    if (!users.empty()) {
+      std::string list;
+      for (const auto& u : users) list += (list.empty() ? "" : ", ") + u;
+      return conflict("image '" + std::string(image) + "' is in use by VMs " + list);
+    }
+    NM_RETURN_IF_ERROR(d_.images.remove(image));
+    std::vector<EventRecord> events;
+    NM_RETURN_IF_ERROR(commit(
+        [&](StateTxn& txn) -> Status {
+          NM_RETURN_IF_ERROR(
+              put_reply(txn, rid, "RemoveImage", std::string(image), json::object()));
+          return append(txn, "ImageRemoved", info.digest.str(),
+                        json{{"image", std::string(image)}, {"digest", info.digest.str()}}, events);
+        },
+        events));
+    publish(events);
+    return Status::ok();
+  }
+
+  // ---------------------------------------------------------------- events and jobs
+
+  Result<std::vector<EventRecord>> events_since(uint64_t since, uint32_t max) override {
+    return d_.store.events_since(since, max);
+  }
+  uint64_t last_event_seq() const override { return last_seq_; }
+
+  std::vector<JobView> list_jobs() const override {
+    std::vector<JobView> out;
+    for (const auto& [id, job] : jobs_) out.push_back(job->view);
+    return out;
+  }
+  std::optional<JobView> get_job(uint32_t id) const override {
+    auto it = jobs_.find(id);
+    if (it == jobs_.end()) return std::nullopt;
+    return it->second->view;
+  }
+
+  Status cancel_job(uint32_t id) override {
+    auto it = jobs_.find(id);
+    if (it == jobs_.end()) return not_found("job " + std::to_string(id) + " does not exist");
+    Job& job = *it->second;
+    if (job.view.state == JobState::kQueued) {
+      auto& q = queues_[job.key];
+      q.erase(std::remove(q.begin(), q.end(), id), q.end());
+      if (q.empty()) queues_.erase(job.key);
+      job.ctx->cancelled = true;
+      if (job.revert) job.revert();
+      remove_job(id, {"cancelled", Status::ok()});
+      return Status::ok();
+    }
+    if (!job.cancellable_while_running) {
+      return conflict("job " + std::to_string(id) + " (" + job.view.kind +
+                      ") cannot be cancelled once it runs");
+    }
+    job.ctx->cancelled = true;
+    job.ctx->notify();
+    return Status::ok();
+  }
+
+  size_t active_jobs() const override { return jobs_.size(); }
+
+  // ---------------------------------------------------------------- reconciliation
+
+  void on_domain_event(const DomainEvent& ev) override {
+    log_->debug("domain event {} kind {} detail {}", ev.uuid, static_cast<int>(ev.kind), ev.detail);
+    auto it = vms_.find(ev.uuid);
+    if (it == vms_.end()) return;
+    for (auto& [id, job] : jobs_) {
+      if (job->key == ev.uuid) job->ctx->notify();
+    }
+    if (queues_.count(ev.uuid)) return;  // a job owns this VM; it records the outcome
+    const VmId id = it->second.id;
+    d_.workers.submit([this, id, alive = alive_] {
+      auto dom = d_.hypervisor.get_domain(id);
+      d_.loop.post([this, id, alive, dom = std::move(dom)] {
+        if (!*alive) return;
+        if (!dom.is_ok()) {
+          log_->warn("reading domain {} after an event: {}; the next audit retries", id.str(),
+                     dom.status().to_string());
+          return;
+        }
+        auto vm = vms_.find(id.str());
+        if (vm == vms_.end() || queues_.count(id.str())) return;
+        converge(vm->second, dom->has_value() ? &**dom : nullptr);
+      });
+    });
+  }
+
+  void audit() override {
+    if (audit_in_flight_) return;
+    audit_in_flight_ = true;
+    d_.workers.submit([this, alive = alive_] {
+      auto domains = d_.hypervisor.list_domains();
+      auto overlays = d_.hypervisor.list_overlays();
+      d_.loop.post([this, alive, domains = std::move(domains), overlays = std::move(overlays)] {
+        if (!*alive) return;
+        audit_in_flight_ = false;
+        if (!domains.is_ok() || !overlays.is_ok()) {
+          log_->warn("audit: listing libvirt state failed: {}; retrying at the next audit",
+                     (!domains.is_ok() ? domains.status() : overlays.status()).to_string());
+          return;
+        }
+        reconcile_all(*domains, *overlays);
+      });
+    });
+  }
+
+ private:
+  // ---------------------------------------------------------------- helpers: lookups
+
+  Result<VmRecord*> find_vm(std::string_view ref) {
+    NM_ASSIGN_OR_RETURN(const VmRecord* vm, find_vm_const(ref));
+    return const_cast<VmRecord*>(vm);
+  }
+
+  Result<const VmRecord*> find_vm_const(std::string_view ref) const {
+    auto it = vms_.find(std::string(ref));
+    if (it != vms_.end()) return &it->second;
+    auto n = name_index_.find(std::string(ref));
+    if (n != name_index_.end()) return &vms_.at(n->second);
+    if (ref.empty()) return invalid_argument("vm: must be a VM id or name");
+    return not_found("vm '" + std::string(ref) + "' does not exist");
+  }
+
+  std::optional<uint32_t> find_job(const std::string& key, const std::string& kind) const {
+    for (const auto& [id, job] : jobs_) {
+      if (job->key == key && job->view.kind == kind) return id;
+    }
+    return std::nullopt;
+  }
+
+  Result<ImageInfo> resolve_image(const std::string& ref, const TenantId& tenant, ImageKind kind,
+                                  const std::string& field) const {
+    auto info = d_.images.resolve(ref);
+    // Another tenant's private image answers exactly like a missing one: no existence leak.
+    if (!info.is_ok() || (info->tenant && *info->tenant != tenant)) {
+      if (info.is_ok() || info.status().code() == Code::kNotFound) {
+        return not_found(field + ": image '" + ref + "' does not exist for tenant '" +
+                         tenant.str() + "'");
+      }
+      return info.status().with_context(field);
+    }
+    if (info->kind != kind) {
+      return invalid_argument(field + ": image '" + ref + "' is a " +
+                              std::string(image_kind_name(info->kind)) + " image, not a " +
+                              std::string(image_kind_name(kind)) + " image");
+    }
+    return info;
+  }
+
+  // ---------------------------------------------------------------- helpers: durability
+
+  static Result<std::optional<RequestId>> parse_request_id(std::string_view text) {
+    if (text.empty()) return std::optional<RequestId>();
+    NM_ASSIGN_OR_RETURN(RequestId id, RequestId::parse(text, "request_id"));
+    return std::optional<RequestId>(std::move(id));
+  }
+
+  // The first reply to `rid`, when it was seen before; Conflict when it was used differently.
+  Result<std::optional<json>> replay(const std::optional<RequestId>& rid, const std::string& method,
+                                     const std::string& fingerprint) {
+    if (!rid) return std::optional<json>();
+    NM_ASSIGN_OR_RETURN(auto rec, d_.store.get_request(*rid));
+    if (!rec) return std::optional<json>();
+    if (rec->method != method || rec->fingerprint != fingerprint) {
+      return conflict("request_id: '" + rid->str() + "' was already used for a different " +
+                      (rec->method == method ? "set of arguments" : "call (" + rec->method + ")"));
+    }
+    return std::optional<json>(json::parse(rec->reply_json));
+  }
+
+  Status put_reply(StateTxn& txn, const std::optional<RequestId>& rid, const std::string& method,
+                   const std::string& fingerprint, const json& reply) {
+    if (!rid) return Status::ok();
+    RequestRecord r;
+    r.id = *rid;
+    r.method = method;
+    r.fingerprint = fingerprint;
+    r.reply_json = reply.dump();
+    r.created_us = d_.clock.now_realtime_us();
+    return txn.put_request(r);
+  }
+
+  Result<uint32_t> allocate_job(StateTxn& txn) {
+    NM_ASSIGN_OR_RETURN(uint64_t id, txn.allocate_job_id());
+    return static_cast<uint32_t>(id);
+  }
+
+  Status append(StateTxn& txn, const std::string& kind, const std::string& object,
+                const json& payload, std::vector<EventRecord>& out) {
+    NM_ASSIGN_OR_RETURN(EventRecord ev,
+                        txn.append_event(kind, object, payload.dump(), d_.clock.now_realtime_us()));
+    out.push_back(std::move(ev));
+    return Status::ok();
+  }
+
+  Status append_state_event(StateTxn& txn, const VmRecord& vm, std::vector<EventRecord>& out) {
+    return append(txn, "VmStateChanged", vm.id.str(),
+                  json{{"name", vm.spec.name.str()},
+                       {"tenant", vm.spec.tenant.str()},
+                       {"state", vm.state},
+                       {"reason", vm.state_reason},
+                       {"generation", vm.generation}},
+                  out);
+  }
+
+  // One durable transaction; `events` is cleared when it rolls back.
+  Status commit(const std::function<Status(StateTxn&)>& fn, std::vector<EventRecord>& events) {
+    Status s = d_.store.transact(fn);
+    if (!s.is_ok()) {
+      events.clear();
+      return s;
+    }
+    for (const auto& e : events) last_seq_ = std::max(last_seq_, e.seq);
+    return s;
+  }
+
+  void publish(const std::vector<EventRecord>& events) {
+    if (!observer_) return;
+    for (const auto& e : events) observer_->on_event(e);
+  }
+
+  using Write = std::function<Status(StateTxn&, std::vector<EventRecord>&)>;
+  // Runs after the transaction that held the write: with its Status and the events it appended.
+  using After = std::function<void(const Status&, const std::vector<EventRecord>&)>;
+  struct PendingWrite {
+    Write write;
+    After after;
+    std::vector<EventRecord> events;
+  };
+
+  // Commits `w` at once or, while a job completes, in that completion's single transaction: the
+  // job's state change and its JobRemoved event are atomic and cost one fsync.
+  void write(Write w, After after) {
+    if (batch_) {
+      batch_->push_back({std::move(w), std::move(after), {}});
+      return;
+    }
+    std::vector<PendingWrite> one;
+    one.push_back({std::move(w), std::move(after), {}});
+    flush(one);
+  }
+
+  void flush(std::vector<PendingWrite>& writes) {
+    if (writes.empty()) return;
+    const Status s = d_.store.transact([&](StateTxn& txn) -> Status {
+      for (auto& p : writes) {
+        p.events.clear();
+        NM_RETURN_IF_ERROR(p.write(txn, p.events));
+      }
+      return Status::ok();
+    });
+    static const std::vector<EventRecord> kNone;
+    for (auto& p : writes) {
+      if (s.is_ok()) {
+        for (const auto& e : p.events) last_seq_ = std::max(last_seq_, e.seq);
+      }
+      p.after(s, s.is_ok() ? p.events : kNone);
+    }
+  }
+
+  // Records a new observed state (and optionally other changes) with its event. The in-memory
+  // record and the observers change once the write committed.
+  void record_state(const VmRecord& vm, std::string state, std::string reason,
+                    const std::function<void(VmRecord&)>& also = {}) {
+    auto next = std::make_shared<VmRecord>(vm);
+    next->state = std::move(state);
+    next->state_reason = std::move(reason);
+    if (also) also(*next);
+    next->updated_us = d_.clock.now_realtime_us();
+    write(
+        [this, next](StateTxn& txn, std::vector<EventRecord>& events) -> Status {
+          NM_RETURN_IF_ERROR(txn.put_vm(*next));
+          return append_state_event(txn, *next, events);
+        },
+        [this, next](const Status& s, const std::vector<EventRecord>& events) {
+          if (!s.is_ok()) {
+            log_->error("recording state '{}' of vm '{}': {}", next->state,
+                        next->spec.name.str(), s.to_string());
+            return;
+          }
+          auto it = vms_.find(next->id.str());
+          if (it == vms_.end()) return;
+          it->second = *next;
+          if (observer_) observer_->on_vm_changed(it->second);
+          publish(events);
+        });
+  }
+
+  // ---------------------------------------------------------------- jobs
+
+  template <typename MakeJob>
+  Result<uint32_t> power_request(std::string_view ref, std::string_view request_id,
+                                 const std::string& method, const std::string& variant,
+                                 MakeJob make_job) {
+    NM_ASSIGN_OR_RETURN(auto rid, parse_request_id(request_id));
+    NM_ASSIGN_OR_RETURN(VmRecord * vm, find_vm(ref));
+    const std::string fingerprint = vm->id.str() + "\n" + variant;
+    NM_ASSIGN_OR_RETURN(auto replayed, replay(rid, method, fingerprint));
+    if (replayed) return replayed->at("job_id").get<uint32_t>();
+    if (vm->deleting) return conflict("vm '" + vm->spec.name.str() + "' is being deleted");
+    VmRecord next = *vm;
+    next.generation += 1;
+    next.updated_us = d_.clock.now_realtime_us();
+    uint32_t job_id = 0;
+    std::unique_ptr<Job> job;
+    std::vector<EventRecord> events;
+    NM_RETURN_IF_ERROR(commit(
+        [&](StateTxn& txn) -> Status {
+          NM_ASSIGN_OR_RETURN(job_id, allocate_job(txn));
+          job = make_job(next, job_id);
+          NM_RETURN_IF_ERROR(txn.put_vm(next));
+          return put_reply(txn, rid, method, fingerprint, {{"job_id", job_id}});
+        },
+        events));
+    *vm = next;
+    if (observer_) observer_->on_vm_changed(*vm);
+    enqueue(std::move(job));
+    return job_id;
+  }
+
+  // Sets the desired power back (a cancelled start or stop).
+  void revert_power(const VmId& id, PowerIntent power) {
+    auto it = vms_.find(id.str());
+    if (it == vms_.end()) return;
+    record_state(it->second, it->second.state, "cancelled", [&](VmRecord& v) {
+      v.power = power;
+      v.generation += 1;
+    });
+  }
+
+  // Inputs a worker needs to (re-)define a VM's domain, captured on the loop thread.
+  struct DefineInput {
+    VmId id;
+    VmSpec spec;
+    uint64_t generation;
+    Digest image;
+    std::optional<Digest> kernel;
+    std::optional<Digest> initrd;
+  };
+  DefineInput define_input(const VmRecord& vm) const {
+    return {vm.id, vm.spec, vm.generation, vm.image_digest, vm.kernel_digest, vm.initrd_digest};
+  }
+
+  // Worker side: makes sure the VM's overlay and domain exist. With `fresh_disk`, a leftover
+  // overlay is replaced (a create that never finished); otherwise an existing one is kept.
+  Status ensure_defined(const DefineInput& in, bool fresh_disk, JobContext& ctx) {
+    auto& hv = d_.hypervisor;
+    NM_ASSIGN_OR_RETURN(auto existing, hv.get_domain(in.id));
+    if (existing && !fresh_disk) return Status::ok();
+    NM_ASSIGN_OR_RETURN(ImageInfo base, d_.images.resolve(in.image.str()));
+    DomainXmlInput x;
+    x.id = in.id;
+    x.spec = in.spec;
+    x.generation = in.generation;
+    x.domain_type = domain_type_;
+    x.serial_log_path = serial_log_path(opt_, in.id);
+    if (in.kernel) {
+      NM_ASSIGN_OR_RETURN(ImageInfo k, d_.images.resolve(in.kernel->str()));
+      x.kernel_path = k.path;
+    }
+    if (in.initrd) {
+      NM_ASSIGN_OR_RETURN(ImageInfo i, d_.images.resolve(in.initrd->str()));
+      x.initrd_path = i.path;
+    }
+    std::optional<std::string> overlay;
+    if (!fresh_disk) {
+      NM_ASSIGN_OR_RETURN(overlay, hv.find_overlay(in.id));
+    }
+    if (!overlay) {
+      const uint64_t capacity = in.spec.disk_gib ? in.spec.disk_gib * kGiB : base.virtual_size;
+      NM_ASSIGN_OR_RETURN(std::string path,
+                          hv.create_overlay(in.id, base.path,
+                                            std::string(image_format_name(base.format)), capacity));
+      overlay = path;
+    }
+    if (!ctx.pause(opt_.debug_job_delay)) return cancelled_status();
+    x.disk_path = *overlay;
+    return hv.define_domain(render_domain_xml(x));
+  }
+
+  std::unique_ptr<Job> new_vm_job(uint32_t id, const VmRecord& vm, std::string kind) {
+    auto job = std::make_unique<Job>();
+    job->view = {id, std::move(kind), vm.id.str(), JobState::kQueued, 0.0};
+    job->key = vm.id.str();
+    return job;
+  }
+
+  // Loop side: applies `fn` to the VM if it still exists.
+  void with_vm(const VmId& id, const std::function<void(VmRecord&)>& fn) {
+    auto it = vms_.find(id.str());
+    if (it != vms_.end()) fn(it->second);
+  }
+
+  // create (fresh overlay) or define (reconciler: the domain vanished; keep the disk).
+  std::unique_ptr<Job> make_define_job(uint32_t id, const VmRecord& vm, bool fresh_disk) {
+    auto job = new_vm_job(id, vm, fresh_disk ? "create" : "define");
+    const DefineInput in = define_input(vm);
+    job->work = [this, in, fresh_disk](JobContext& ctx) {
+      return ensure_defined(in, fresh_disk, ctx);
+    };
+    const VmId vm_id = vm.id;
+    const uint64_t gen = vm.generation;
+    job->finish = [this, vm_id, gen, fresh_disk](const Status& s, bool cancelled) {
+      with_vm(vm_id, [&](VmRecord& v) {
+        if (s.is_ok()) {
+          record_state(v, v.power == PowerIntent::kRunning ? v.state : "stopped",
+                       fresh_disk ? "created" : "domain re-defined", [&](VmRecord& n) {
+                         n.observed_generation = std::max(n.observed_generation, gen);
+                       });
+        } else if (cancelled && fresh_disk) {
+          undo_create(v);
+        } else {
+          record_state(v, "error", s.message());
+        }
+      });
+    };
+    job->revert = [this, vm_id, fresh_disk] {
+      if (fresh_disk) with_vm(vm_id, [&](VmRecord& v) { undo_create(v); });
+    };
+    return job;
+  }
+
+  // A cancelled create leaves nothing half-made: the VM is deleted again.
+  void undo_create(VmRecord& vm) {
+    record_state(vm, "deleting", "create cancelled", [](VmRecord& n) {
+      n.deleting = true;
+      n.generation += 1;
+    });
+    enqueue(make_delete_job(next_internal_job_id(), vm));
+  }
+
+  std::unique_ptr<Job> make_start_job(uint32_t id, const VmRecord& vm, std::string reason) {
+    auto job = new_vm_job(id, vm, "start");
+    const DefineInput in = define_input(vm);
+    job->work = [this, in](JobContext& ctx) -> Status {
+      NM_RETURN_IF_ERROR(ensure_defined(in, false, ctx));
+      if (ctx.cancelled) return cancelled_status();
+      return d_.hypervisor.start_domain(in.id);
+    };
+    const VmId vm_id = vm.id;
+    const uint64_t gen = vm.generation;
+    job->finish = [this, vm_id, gen, reason](const Status& s, bool cancelled) {
+      if (cancelled && !s.is_ok()) return revert_power(vm_id, PowerIntent::kStopped);
+      with_vm(vm_id, [&](VmRecord& v) {
+        if (s.is_ok()) {
+          record_state(v, "running", reason, [&](VmRecord& n) {
+            n.observed_generation = std::max(n.observed_generation, gen);
+          });
+        } else {
+          record_state(v, "error", "start failed: " + s.message());
+        }
+      });
+    };
+    job->revert = [this, vm_id] { revert_power(vm_id, PowerIntent::kStopped); };
+    return job;
+  }
+
+  std::unique_ptr<Job> make_stop_job(uint32_t id, const VmRecord& vm, bool force) {
+    auto job = new_vm_job(id, vm, "stop");
+    const VmId vm_id = vm.id;
+    const auto timeout = opt_.stop_timeout;
+    auto forced = std::make_shared<std::atomic<bool>>(force);
+    job->work = [this, vm_id, force, timeout, forced](JobContext& ctx) -> Status {
+      auto& hv = d_.hypervisor;
+      if (force) return hv.destroy_domain(vm_id);
+      const auto deadline = d_.clock.now_monotonic() + timeout;
+      NM_RETURN_IF_ERROR(hv.shutdown_domain(vm_id));
+      for (;;) {
+        const uint64_t seen = ctx.seen();
+        NM_ASSIGN_OR_RETURN(auto dom, hv.get_domain(vm_id));
+        if (!dom || dom->state == DomainState::kShutOff || dom->state == DomainState::kCrashed) {
+          return Status::ok();
+        }
+        if (ctx.cancelled) return cancelled_status();
+        const auto now = d_.clock.now_monotonic();
+        if (now >= deadline) {
+          *forced = true;
+          return hv.destroy_domain(vm_id);
+        }
+        // Woken by the domain's lifecycle event; the 1 s bound covers a lost event.
+        ctx.wait_until(seen, std::min(deadline, now + std::chrono::seconds(1)));
+      }
+    };
+    job->finish = [this, vm_id, forced, gen = vm.generation](const Status& s, bool cancelled) {
+      if (cancelled && !s.is_ok()) return revert_power(vm_id, PowerIntent::kRunning);
+      with_vm(vm_id, [&](VmRecord& v) {
+        if (s.is_ok()) {
+          record_state(v, "stopped", *forced ? "powered off" : "shut down", [&](VmRecord& n) {
+            n.observed_generation = std::max(n.observed_generation, gen);
+          });
+        } else {
+          record_state(v, "error", "stop failed: " + s.message());
+        }
+      });
+    };
+    job->revert = [this, vm_id] { revert_power(vm_id, PowerIntent::kRunning); };
+    return job;
+  }
+
+  std::unique_ptr<Job> make_reboot_job(uint32_t id, const VmRecord& vm) {
+    auto job = new_vm_job(id, vm, "reboot");
+    const VmId vm_id = vm.id;
+    job->work = [this, vm_id](JobContext&) { return d_.hypervisor.reboot_domain(vm_id); };
+    job->finish = [this, vm_id](const Status& s, bool) {
+      if (s.is_ok()) with_vm(vm_id, [&](VmRecord& v) { record_state(v, "running", "rebooted"); });
+    };
+    job->revert = [] {};
+    job->cancellable_while_running = false;
+    return job;
+  }
+
+  std::unique_ptr<Job> make_delete_job(uint32_t id, const VmRecord& vm) {
+    auto job = new_vm_job(id, vm, "delete");
+    const VmId vm_id = vm.id;
+    job->work = [this, vm_id](JobContext& ctx) -> Status {
+      auto& hv = d_.hypervisor;
+      NM_RETURN_IF_ERROR(hv.destroy_domain(vm_id));
+      ctx.pause(opt_.debug_job_delay);
+      NM_RETURN_IF_ERROR(hv.undefine_domain(vm_id));
+      return hv.delete_overlay(vm_id);
+    };
+    job->finish = [this, vm_id](const Status& s, bool) {
+      auto it = vms_.find(vm_id.str());
+      if (it == vms_.end()) return;
+      if (!s.is_ok()) {
+        record_state(it->second, "error",
+                     "delete failed: " + s.message() + "; the next audit retries");
+        return;
+      }
+      auto gone = std::make_shared<VmRecord>(it->second);
+      gone->state = "deleted";
+      gone->state_reason = "deleted";
+      write(
+          [this, gone](StateTxn& txn, std::vector<EventRecord>& events) -> Status {
+            NM_RETURN_IF_ERROR(txn.delete_vm(gone->id));
+            return append_state_event(txn, *gone, events);
+          },
+          [this, gone](const Status& c, const std::vector<EventRecord>& events) {
+            if (!c.is_ok()) {
+              log_->error("removing vm '{}' from the database: {}", gone->spec.name.str(),
+                          c.to_string());
+              return;
+            }
+            name_index_.erase(gone->spec.name.str());
+            vms_.erase(gone->id.str());
+            if (observer_) observer_->on_vm_removed(gone->id);
+            publish(events);
+            log_->info("vm '{}' ({}) deleted", gone->spec.name.str(), gone->id.str());
+          });
+    };
+    job->revert = [this, vm_id] {
+      with_vm(vm_id, [&](VmRecord& v) {
+        record_state(v, "unknown", "delete cancelled", [](VmRecord& n) {
+          n.deleting = false;
+          n.generation += 1;
+        });
+      });
+      audit();
+    };
+    job->cancellable_while_running = false;
+    return job;
+  }
+
+  std::unique_ptr<Job> make_orphan_job(uint32_t id, const std::string& uuid) {
+    auto job = std::make_unique<Job>();
+    job->view = {id, "remove-orphan", uuid, JobState::kQueued, 0.0};
+    job->key = uuid;
+    const VmId vm_id = VmId::trusted(uuid);
+    job->work = [this, vm_id](JobContext&) -> Status {
+      auto& hv = d_.hypervisor;
+      NM_RETURN_IF_ERROR(hv.destroy_domain(vm_id));
+      NM_RETURN_IF_ERROR(hv.undefine_domain(vm_id));
+      return hv.delete_overlay(vm_id);
+    };
+    job->finish = [this, uuid](const Status& s, bool) {
+      if (s.is_ok())
+        log_->warn("removed orphaned domain/overlay {} (orphan policy 'remove')", uuid);
+    };
+    job->revert = [] {};
+    job->cancellable_while_running = false;
+    return job;
+  }
+
+  // Reconciler-initiated jobs are not persisted requests; their ids come from the database too,
+  // so they never collide with client-visible ones.
+  uint32_t next_internal_job_id() {
+    uint32_t id = 0;
+    std::vector<EventRecord> none;
+    const Status s = commit(
+        [&](StateTxn& txn) -> Status {
+          NM_ASSIGN_OR_RETURN(id, allocate_job(txn));
+          return Status::ok();
+        },
+        none);
+    if (!s.is_ok()) {
+      log_->error("allocating a job id: {}", s.to_string());
+      return 0;
+    }
+    return id;
+  }
+
+  void enqueue(std::unique_ptr<Job> job) {
+    if (!job || job->view.id == 0) return;
+    const uint32_t id = job->view.id;
+    auto& q = queues_[job->key];
+    q.push_back(id);
+    const bool head = q.size() == 1;
+    auto& stored = jobs_.emplace(id, std::move(job)).first->second;
+    if (observer_) observer_->on_job_added(stored->view);
+    if (head) run(id);
+  }
+
+  void run(uint32_t id) {
+    Job& job = *jobs_.at(id);
+    job.view.state = JobState::kRunning;
+    if (observer_) observer_->on_job_changed(job.view);
+    d_.workers.submit([this, id, ctx = job.ctx, work = job.work, alive = alive_] {
+      Status s;
+      try {
+        s = work(*ctx);
+      } catch (const std::exception& e) {
+        s = internal_error(std::string("job threw: ") + e.what());
+      }
+      d_.loop.post([this, id, s, alive] {
+        if (*alive) complete(id, s);
+      });
+    });
+  }
+
+  void complete(uint32_t id, const Status& s) {
+    auto it = jobs_.find(id);
+    if (it == jobs_.end()) return;
+    Job& job = *it->second;
+    const bool cancelled = job.ctx->cancelled.load();
+    batch_.emplace();
+    job.finish(s, cancelled);
+    JobOutcome outcome;
+    if (s.is_ok()) {
+      outcome = {"done", Status::ok()};
+    } else if (cancelled) {
+      outcome = {"cancelled", Status::ok()};
+    } else {
+      outcome = {"failed", s};
+      log_->warn("job {} ({} {}) failed: {}", id, job.view.kind, job.view.object_id, s.to_string());
+    }
+    remove_job(id, outcome);
+    std::vector<PendingWrite> writes = std::move(*batch_);
+    batch_.reset();
+    flush(writes);
+  }
+
+  // Ends a job: JobRemoved event, observers, then the next job of the same key.
+  void remove_job(uint32_t id, const JobOutcome& outcome) {
+    auto it = jobs_.find(id);
+    if (it == jobs_.end()) return;
+    std::shared_ptr<Job> job = std::move(it->second);
+    jobs_.erase(it);
+    write(
+        [this, job, id, outcome](StateTxn& txn, std::vector<EventRecord>& events) {
+          return append(
+              txn, "JobRemoved", std::to_string(id),
+              json{{"job", id},
+                   {"kind", job->view.kind},
+                   {"object_id", job->view.object_id},
+                   {"result", outcome.result},
+                   {"error",
+                    outcome.error.is_ok() ? "" : std::string(code_name(outcome.error.code()))},
+                   {"message", outcome.error.message()}},
+              events);
+        },
+        [this, job, id, outcome](const Status& c, const std::vector<EventRecord>& events) {
+          if (!c.is_ok()) log_->error("recording the end of job {}: {}", id, c.to_string());
+          if (!observer_) return;
+          observer_->on_job_removed(job->view, outcome, events.empty() ? EventRecord{} : events[0]);
+          publish(events);
+        });
+    auto q = queues_.find(job->key);
+    if (q != queues_.end()) {
+      auto& dq = q->second;
+      if (!dq.empty() && dq.front() == id) {
+        dq.pop_front();
+        if (dq.empty()) {
+          queues_.erase(q);
+        } else {
+          run(dq.front());
+        }
+      } else {
+        dq.erase(std::remove(dq.begin(), dq.end(), id), dq.end());
+        if (dq.empty()) queues_.erase(q);
+      }
+    }
+  }
+
+  void set_progress(uint32_t id, double p) {
+    auto it = jobs_.find(id);
+    if (it == jobs_.end()) return;
+    Job& job = *it->second;
+    job.view.progress = p;
+    if (p - job.last_progress_posted >= 0.01 || p >= 1.0) {
+      job.last_progress_posted = p;
+      if (observer_) observer_->on_job_changed(job.view);
+    }
+  }
+
+  // ---------------------------------------------------------------- reconciler
+
+  void reconcile_all(const std::vector<DomainInfo>& domains, const std::vector<VmId>& overlays) {
+    std::map<std::string, const DomainInfo*> by_uuid;
+    for (const auto& d : domains) by_uuid[d.uuid] = &d;
+    std::vector<std::string> ids;
+    for (const auto& [id, vm] : vms_) ids.push_back(id);
+    for (const auto& id : ids) {
+      auto it = vms_.find(id);
+      if (it == vms_.end() || queues_.count(id)) continue;
+      auto d = by_uuid.find(id);
+      converge(it->second, d == by_uuid.end() ? nullptr : d->second);
+    }
+    std::set<std::string> orphans;
+    for (const auto& d : domains) {
+      if (d.owner && !vms_.count(d.uuid)) orphans.insert(d.uuid);
+    }
+    for (const auto& o : overlays) {
+      if (!vms_.count(o.str())) orphans.insert(o.str());
+    }
+    for (const auto& uuid : orphans) handle_orphan(uuid);
+  }
+
+  void handle_orphan(const std::string& uuid) {
+    if (queues_.count(uuid)) return;
+    if (opt_.orphan_policy == OrphanPolicy::kRemove) {
+      enqueue(make_orphan_job(next_internal_job_id(), uuid));
+      return;
+    }
+    if (!reported_orphans_.insert(uuid).second) return;
+    log_->warn(
+        "orphan {}: a domain or overlay marked as ours that the database does not know; "
+        "kept (orphan policy 'report')",
+        uuid);
+    std::vector<EventRecord> events;
+    const Status c = commit(
+        [&](StateTxn& txn) {
+          return append(txn, "OrphanFound", uuid, json{{"policy", "report"}}, events);
+        },
+        events);
+    if (c.is_ok()) publish(events);
+  }
+
+  // Drives one VM toward its desired state, given what libvirt shows (`d` null: no domain).
+  void converge(VmRecord& vm, const DomainInfo* d) {
+    if (vm.deleting) {
+      enqueue(make_delete_job(next_internal_job_id(), vm));
+      return;
+    }
+    if (d && !d->owner) {
+      log_->error("domain {} '{}' has the id of vm '{}' but not our metadata; not touching it",
+                  d->uuid, d->name, vm.spec.name.str());
+      return;
+    }
+    if (!d) {
+      if (vm.power == PowerIntent::kRunning && vm.spec.autostart) {
+        log_->info("vm '{}': domain missing; re-defining and starting it", vm.spec.name.str());
+        enqueue(make_start_job(next_internal_job_id(), vm, "restored after restart"));
+      } else {
+        log_->info("vm '{}': domain missing; re-defining it", vm.spec.name.str());
+        if (vm.power == PowerIntent::kRunning) {
+          record_state(vm, "stopped", "domain vanished; autostart is off", [](VmRecord& n) {
+            n.power = PowerIntent::kStopped;
+            n.generation += 1;
+          });
+        }
+        enqueue(make_define_job(next_internal_job_id(), vm, false));
+      }
+      return;
+    }
+    const std::string actual = observed_state(d->state);
+    const bool down = actual == "stopped" || actual == "crashed";
+    if (vm.power == PowerIntent::kRunning && down) {
+      if (actual != vm.state && vm.state != "error") {
+        record_state(vm, actual, actual == "crashed" ? "crashed" : "stopped unexpectedly");
+      }
+      if (vm.spec.autostart && vm.state != "error") {
+        enqueue(make_start_job(next_internal_job_id(), vm, "restored desired power state"));
+      } else if (!vm.spec.autostart) {
+        record_state(vm, actual, "stopped outside nodemanager; autostart is off", [](VmRecord& n) {
+          n.power = PowerIntent::kStopped;
+          n.generation += 1;
+        });
+      }
+      return;
+    }
+    if (vm.power == PowerIntent::kStopped && actual == "running") {
+      record_state(vm, actual, "started outside nodemanager; stopping it");
+      enqueue(make_stop_job(next_internal_job_id(), vm, false));
+      return;
+    }
+    if (actual != vm.state && !(vm.state == "error" && down)) {
+      record_state(vm, actual, "observed",
+                   [](VmRecord& n) { n.observed_generation = n.generation; });
+    } else if (vm.observed_generation != vm.generation && vm.state != "error") {
+      record_state(vm, vm.state, vm.state_reason,
+                   [](VmRecord& n) { n.observed_generation = n.generation; });
+    }
+  }
+
+  ServiceDeps d_;
+  ServiceOptions opt_;
+  std::shared_ptr<spdlog::logger> log_;
+  ServiceObserver* observer_ = nullptr;
+  std::string domain_type_;
+  // Set to false on destruction; callbacks posted from other threads check it.
+  std::shared_ptr<bool> alive_ = std::make_shared<bool>(true);
+
+  std::map<std::string, VmRecord> vms_;            // by id
+  std::map<std::string, std::string> name_index_;  // name -> id
+  std::map<uint32_t, std::unique_ptr<Job>> jobs_;
+  std::map<std::string, std::deque<uint32_t>> queues_;  // key -> job ids, head runs
+  std::set<std::string> reported_orphans_;
+  uint64_t last_seq_ = 0;
+  bool audit_in_flight_ = false;
+  std::optional<std::vector<PendingWrite>> batch_;  // open while a job completes
+};
+
+}  // namespace
+
+std::unique_ptr<NodeService> make_node_service(ServiceDeps deps, ServiceOptions options) {
+  return std::make_unique<NodeServiceImpl>(deps, std::move(options));
+}
+
+}  // namespace nm

@@ -1,0 +1,527 @@
+// NodeService and its reconciler against the fake hypervisor, a real SQLite state store and a
+// real directory image store in a temp dir.
+#include "nm/node_service.h"
+
+#include <fcntl.h>
+#include <gtest/gtest.h>
+#include <openssl/evp.h>
+#include <unistd.h>
+
+#include <condition_variable>
+#include <deque>
+#include <filesystem>
+#include <fstream>
+#include <mutex>
+#include <nlohmann/json.hpp>
+
+#include "fakes/fake_hypervisor.h"
+#include "nm/core/fs.h"
+
+namespace nm {
+namespace {
+
+using namespace std::chrono_literals;
+using nm::testing::FakeHypervisor;
+using json = nlohmann::json;
+
+// The event loop of a test: posted functions run when the test pumps it.
+class ManualLoop final : public LoopExecutor {
+ public:
+  void post(std::function<void()> fn) override {
+    {
+      std::lock_guard lock(mu_);
+      queue_.push_back(std::move(fn));
+    }
+    cv_.notify_all();
+  }
+  // Runs posted functions until `done()` holds; false after `timeout`.
+  bool run_until(const std::function<bool()>& done, std::chrono::milliseconds timeout = 5s) {
+    const auto deadline = std::chrono::steady_clock::now() + timeout;
+    for (;;) {
+      if (done()) return true;
+      std::function<void()> fn;
+      {
+        std::unique_lock lock(mu_);
+        if (!cv_.wait_until(lock, deadline, [&] { return !queue_.empty(); })) return done();
+        fn = std::move(queue_.front());
+        queue_.pop_front();
+      }
+      fn();
+    }
+  }
+
+ private:
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::deque<std::function<void()>> queue_;
+};
+
+class RecordingObserver final : public ServiceObserver {
+ public:
+  void on_vm_added(const VmRecord& vm) override { added.push_back(vm.id.str()); }
+  void on_vm_changed(const VmRecord&) override { ++changed; }
+  void on_vm_removed(const VmId& id) override { removed.push_back(id.str()); }
+  void on_job_added(const JobView& job) override { job_kinds.push_back(job.kind); }
+  void on_job_changed(const JobView&) override {}
+  void on_job_removed(const JobView& job, const JobOutcome& outcome, const EventRecord&) override {
+    finished[job.id] = outcome;
+  }
+  void on_event(const EventRecord& e) override { events.push_back(e); }
+
+  std::vector<std::string> states_of(const std::string& vm_id) const {
+    std::vector<std::string> out;
+    for (const auto& e : events) {
+      if (e.kind == "VmStateChanged" && e.object_id == vm_id) {
+        out.push_back(json::parse(e.payload_json).at("state").get<std::string>());
+      }
+    }
+    return out;
+  }
+
+  std::vector<std::string> added, removed, job_kinds;
+  int changed = 0;
+  std::map<uint32_t, JobOutcome> finished;
+  std::vector<EventRecord> events;
+};
+
+std::string sha256_hex(const std::string& data) {
+  unsigned char md[EVP_MAX_MD_SIZE];
+  unsigned int len = 0;
+  EVP_Digest(data.data(), data.size(), md, &len, EVP_sha256(), nullptr);
+  std::string out;
+  char buf[3];
+  for (unsigned int i = 0; i < len; ++i) {
+    std::snprintf(buf, sizeof buf, "%02x", md[i]);
+    out += buf;
+  }
+  return out;
+}
+
+std::string spec(const std::string& name, const std::string& tenant = "contoso",
+                 const std::string& extra = "") {
+  return R"({"name":")" + name + R"(","tenant":")" + tenant +
+         R"(","vcpus":1,"memory_mib":128,"image":"base:1")" + extra + "}";
+}
+
+class NodeServiceTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    options_.instances_dir = "/tmp/instances";
+    dir_ = std::filesystem::path(::testing::TempDir()) /
+           ("svc-" + std::string(::testing::UnitTest::GetInstance()->current_test_info()->name()));
+    std::filesystem::remove_all(dir_);
+    ASSERT_TRUE(make_dirs(dir_.string()).is_ok());
+    auto images = open_dir_image_store((dir_ / "images").string());
+    ASSERT_TRUE(images.is_ok()) << images.status().to_string();
+    images_ = std::move(*images);
+    open_service();
+    import("base:1", "disk", std::string(4096, 'x'));
+  }
+
+  void TearDown() override {
+    if (service_) service_->shutdown();
+    workers_.reset();
+    service_.reset();
+    std::filesystem::remove_all(dir_);
+  }
+
+  // (Re)opens the store and the service, as a daemon restart does. The fake hypervisor persists.
+  void open_service() {
+    if (service_) service_->shutdown();
+    workers_.reset();
+    service_.reset();
+    store_.reset();
+    auto store =
+        open_sqlite_state_store((dir_ / "state.db").string(), {}, clock_.now_realtime_us());
+    ASSERT_TRUE(store.is_ok()) << store.status().to_string();
+    store_ = std::move(*store);
+    workers_ = std::make_unique<WorkerPool>(4);
+    obs_ = RecordingObserver{};
+    service_ =
+        make_node_service(ServiceDeps{*store_, hv_, *images_, loop_, *workers_, clock_}, options_);
+    service_->set_observer(&obs_);
+    const Status s = service_->start();
+    ASSERT_TRUE(s.is_ok()) << s.to_string();
+  }
+
+  // Waits for job `id` to end and returns its outcome.
+  JobOutcome wait(uint32_t id) {
+    EXPECT_TRUE(loop_.run_until([&] { return obs_.finished.count(id) > 0; })) << "job " << id;
+    return obs_.finished[id];
+  }
+  void wait_done(uint32_t id) {
+    const JobOutcome o = wait(id);
+    EXPECT_EQ(o.result, "done") << o.error.to_string();
+  }
+  bool settle() {
+    return loop_.run_until([&] { return service_->active_jobs() == 0; });
+  }
+
+  void import(const std::string& ref, const std::string& kind, const std::string& data,
+              const std::string& tenant = "") {
+    const auto path = dir_ / ("src-" + sha256_hex(data));
+    std::ofstream(path) << data;
+    UniqueFd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
+    auto job = service_->import_image(ref, std::move(fd), sha256_hex(data), kind, tenant, "");
+    ASSERT_TRUE(job.is_ok()) << job.status().to_string();
+    wait_done(*job);
+  }
+
+  VmId create(const std::string& name, const std::string& extra = "") {
+    auto r = service_->create_vm(spec(name, "contoso", extra), "");
+    EXPECT_TRUE(r.is_ok()) << r.status().to_string();
+    wait_done(r->job_id);
+    return r->vm_id;
+  }
+
+  std::string state(const VmId& id) { return service_->get_vm(id.str())->state; }
+
+  std::filesystem::path dir_;
+  SystemClock clock_;
+  FakeHypervisor hv_;
+  ManualLoop loop_;
+  ServiceOptions options_;
+  std::unique_ptr<StateStore> store_;
+  std::unique_ptr<ImageStore> images_;
+  std::unique_ptr<WorkerPool> workers_;
+  std::unique_ptr<NodeService> service_;
+  RecordingObserver obs_;
+};
+
+TEST_F(NodeServiceTest, FullLifecycleDrivesTheHypervisorAndRecordsEveryState) {
+  auto created = service_->create_vm(spec("web-1"), "req-1");
+  ASSERT_TRUE(created.is_ok()) << created.status().to_string();
+  const VmId id = created->vm_id;
+  wait_done(created->job_id);
+
+  auto dom = hv_.domain(id.str());
+  ASSERT_TRUE(dom.has_value());
+  ASSERT_TRUE(dom->info.owner.has_value());
+  EXPECT_EQ(dom->info.owner->tenant.str(), "contoso");
+  EXPECT_NE(dom->xml.find("<name>nm-web-1</name>"), std::string::npos);
+  auto overlay = hv_.overlay(id.str());
+  ASSERT_TRUE(overlay.has_value());
+  EXPECT_EQ(overlay->base_path, images_->resolve("base:1")->path);
+  EXPECT_EQ(overlay->base_format, "raw");
+  EXPECT_EQ(state(id), "stopped");
+
+  wait_done(*service_->start_vm("web-1", ""));
+  EXPECT_EQ(hv_.domain(id.str())->info.state, DomainState::kRunning);
+  EXPECT_EQ(state(id), "running");
+  EXPECT_EQ(service_->get_vm("web-1")->power, PowerIntent::kRunning);
+
+  wait_done(*service_->reboot_vm(id.str(), ""));
+  wait_done(*service_->stop_vm(id.str(), false, ""));
+  EXPECT_EQ(hv_.domain(id.str())->info.state, DomainState::kShutOff);
+  EXPECT_EQ(state(id), "stopped");
+  EXPECT_EQ(service_->get_vm(id.str())->state_reason, "shut down");
+
+  wait_done(*service_->delete_vm("web-1", ""));
+  EXPECT_FALSE(hv_.domain(id.str()).has_value());
+  EXPECT_FALSE(hv_.overlay(id.str()).has_value());
+  EXPECT_EQ(service_->get_vm(id.str()).status().code(), Code::kNotFound);
+  EXPECT_EQ(obs_.removed, std::vector<std::string>{id.str()});
+
+  EXPECT_EQ(obs_.states_of(id.str()),
+            (std::vector<std::string>{"creating", "stopped", "running", "running", "stopped",
+                                      "deleting", "deleted"}));
+  // The ring holds the same, in order, with strictly increasing sequence numbers.
+  auto replay = service_->events_since(0, 1000);
+  ASSERT_TRUE(replay.is_ok());
+  uint64_t prev = 0;
+  for (const auto& e : *replay) {
+    EXPECT_GT(e.seq, prev);
+    prev = e.seq;
+  }
+  EXPECT_EQ(prev, service_->last_event_seq());
+}
+
+TEST_F(NodeServiceTest, BadRequestsAreRefusedAndChangeNothing) {
+  import("private:1", "disk", "fabrikam-only", "fabrikam");
+  import("kern:1", "kernel", "kernel-bytes");
+  const uint64_t seq_before = service_->last_event_seq();
+  struct Case {
+    std::string spec;
+    Code code;
+    std::string field;
+  };
+  const std::vector<Case> cases = {
+      {spec("a", "contoso", R"(,"colour":"red")"), Code::kInvalidArgument, "spec.colour"},
+      {spec("Bad<name>"), Code::kInvalidArgument, "spec.name"},
+      {R"({"name":"a","tenant":"contoso","vcpus":0,"memory_mib":128,"image":"base:1"})",
+       Code::kInvalidArgument, "spec.vcpus"},
+      {R"({"name":"a","tenant":"contoso","vcpus":1,"memory_mib":128,"image":"nope:1"})",
+       Code::kNotFound, "spec.image"},
+      {R"({"name":"a","tenant":"contoso","vcpus":1,"memory_mib":128,"image":"private:1"})",
+       Code::kNotFound, "spec.image"},
+      {R"({"name":"a","tenant":"contoso","vcpus":1,"memory_mib":128,"image":"kern:1"})",
+       Code::kInvalidArgument, "spec.image"},
+      {spec("a", "contoso", R"(,"networks":[{"network":"net-a"}])"), Code::kNotFound,
+       "spec.networks[0].network"},
+  };
+  for (const auto& c : cases) {
+    auto r = service_->create_vm(c.spec, "req-bad");
+    ASSERT_FALSE(r.is_ok()) << c.spec;
+    EXPECT_EQ(r.status().code(), c.code) << r.status().to_string();
+    EXPECT_NE(r.status().message().find(c.field), std::string::npos) << r.status().to_string();
+  }
+  EXPECT_TRUE(service_->list_vms("").empty());
+  EXPECT_EQ(hv_.domain_count(), 0u);
+  EXPECT_EQ(service_->last_event_seq(), seq_before);
+
+  create("web-1");
+  auto dup = service_->create_vm(spec("web-1"), "");
+  EXPECT_EQ(dup.status().code(), Code::kAlreadyExists);
+  EXPECT_EQ(service_->list_vms("").size(), 1u);
+  EXPECT_EQ(service_->start_vm("nope", "").status().code(), Code::kNotFound);
+  EXPECT_EQ(service_->start_vm("web-1", "bad id!").status().code(), Code::kInvalidArgument);
+}
+
+TEST_F(NodeServiceTest, RetriedRequestIdReturnsTheFirstAnswerAlsoAfterRestart) {
+  auto first = service_->create_vm(spec("web-1"), "create-web-1");
+  ASSERT_TRUE(first.is_ok());
+  wait_done(first->job_id);
+  auto again = service_->create_vm(spec("web-1"), "create-web-1");
+  ASSERT_TRUE(again.is_ok()) << again.status().to_string();
+  EXPECT_EQ(again->vm_id, first->vm_id);
+  EXPECT_EQ(again->job_id, first->job_id);
+  EXPECT_EQ(service_->list_vms("").size(), 1u);
+
+  auto other = service_->create_vm(spec("web-2"), "create-web-1");
+  EXPECT_EQ(other.status().code(), Code::kConflict);
+
+  auto start = service_->start_vm("web-1", "start-1");
+  ASSERT_TRUE(start.is_ok());
+  wait_done(*start);
+
+  open_service();
+  settle();
+  auto after = service_->create_vm(spec("web-1"), "create-web-1");
+  ASSERT_TRUE(after.is_ok()) << after.status().to_string();
+  EXPECT_EQ(after->vm_id, first->vm_id);
+  EXPECT_EQ(*service_->start_vm("web-1", "start-1"), *start);
+  EXPECT_EQ(service_->list_vms("").size(), 1u);
+}
+
+TEST_F(NodeServiceTest, JobsOfOneVmRunInOrderAndDifferentVmsInParallel) {
+  options_.debug_job_delay = 200ms;
+  open_service();
+  auto a = service_->create_vm(spec("a"), "");
+  auto b = service_->create_vm(spec("b"), "");
+  ASSERT_TRUE(a.is_ok() && b.is_ok());
+  auto a_start = service_->start_vm("a", "");
+  ASSERT_TRUE(a_start.is_ok());
+  // a's create and b's create run at once; a's start waits for a's create.
+  EXPECT_EQ(service_->get_job(a->job_id)->state, JobState::kRunning);
+  EXPECT_EQ(service_->get_job(b->job_id)->state, JobState::kRunning);
+  EXPECT_EQ(service_->get_job(*a_start)->state, JobState::kQueued);
+  wait_done(*a_start);
+  EXPECT_TRUE(obs_.finished.count(a->job_id));
+  EXPECT_EQ(state(a->vm_id), "running");
+  wait_done(b->job_id);
+}
+
+TEST_F(NodeServiceTest, CancellingAQueuedStartRevertsTheDesiredPower) {
+  options_.debug_job_delay = 300ms;
+  open_service();
+  auto a = service_->create_vm(spec("a"), "");
+  auto start = service_->start_vm("a", "");
+  ASSERT_TRUE(start.is_ok());
+  EXPECT_EQ(service_->get_vm("a")->power, PowerIntent::kRunning);
+  ASSERT_TRUE(service_->cancel_job(*start).is_ok());
+  EXPECT_EQ(wait(*start).result, "cancelled");
+  EXPECT_EQ(service_->get_vm("a")->power, PowerIntent::kStopped);
+  wait_done(a->job_id);
+  EXPECT_EQ(hv_.domain(a->vm_id.str())->info.state, DomainState::kShutOff);
+  EXPECT_EQ(service_->cancel_job(9999).code(), Code::kNotFound);
+}
+
+TEST_F(NodeServiceTest, CancellingARunningCreateLeavesNothingBehind) {
+  options_.debug_job_delay = 500ms;
+  open_service();
+  auto a = service_->create_vm(spec("a"), "");
+  ASSERT_TRUE(a.is_ok());
+  ASSERT_TRUE(service_->cancel_job(a->job_id).is_ok());
+  EXPECT_EQ(wait(a->job_id).result, "cancelled");
+  ASSERT_TRUE(settle());
+  EXPECT_FALSE(hv_.domain(a->vm_id.str()).has_value());
+  EXPECT_FALSE(hv_.overlay(a->vm_id.str()).has_value());
+  EXPECT_TRUE(service_->list_vms("").empty());
+}
+
+TEST_F(NodeServiceTest, GracefulStopForcesPowerOffAfterTheTimeout) {
+  options_.stop_timeout = 200ms;
+  open_service();
+  const VmId id = create("a");
+  wait_done(*service_->start_vm("a", ""));
+  hv_.set_ignore_acpi(true);
+  wait_done(*service_->stop_vm("a", false, ""));
+  EXPECT_EQ(hv_.domain(id.str())->info.state, DomainState::kShutOff);
+  EXPECT_EQ(service_->get_vm("a")->state_reason, "powered off");
+  EXPECT_EQ(hv_.calls("destroy_domain"), 1);
+}
+
+TEST_F(NodeServiceTest, FailedStepReportsTheErrorOnTheJobAndTheVm) {
+  const VmId id = create("a");
+  hv_.fail_next("start_domain", unavailable("qemu exploded"));
+  auto job = service_->start_vm("a", "");
+  const JobOutcome o = wait(*job);
+  EXPECT_EQ(o.result, "failed");
+  EXPECT_EQ(o.error.code(), Code::kUnavailable);
+  EXPECT_EQ(state(id), "error");
+  EXPECT_NE(service_->get_vm("a")->state_reason.find("qemu exploded"), std::string::npos);
+}
+
+// ---------------------------------------------------------------- reconciler drift cases
+
+TEST_F(NodeServiceTest, AuditRedefinesAVanishedDomainAndKeepsItsDisk) {
+  const VmId id = create("a");
+  const int overlays_before = hv_.calls("create_overlay");
+  hv_.remove_behind_our_back(id.str());
+  service_->audit();
+  ASSERT_TRUE(loop_.run_until([&] { return hv_.domain(id.str()).has_value(); }));
+  settle();
+  EXPECT_EQ(hv_.calls("create_overlay"), overlays_before);
+  EXPECT_EQ(state(id), "stopped");
+}
+
+TEST_F(NodeServiceTest, AutostartVmThatStopsBehindOurBackIsStartedAgain) {
+  const VmId id = create("a");
+  wait_done(*service_->start_vm("a", ""));
+  hv_.set_state_behind_our_back(id.str(), DomainState::kShutOff, DomainEventKind::kStopped);
+  ASSERT_TRUE(
+      loop_.run_until([&] { return hv_.domain(id.str())->info.state == DomainState::kRunning; }));
+  settle();
+  EXPECT_EQ(state(id), "running");
+  EXPECT_EQ(service_->get_vm("a")->power, PowerIntent::kRunning);
+}
+
+TEST_F(NodeServiceTest, NonAutostartVmThatStopsIsRecordedAsStopped) {
+  const VmId id = create("a", R"(,"autostart":false)");
+  wait_done(*service_->start_vm("a", ""));
+  hv_.set_state_behind_our_back(id.str(), DomainState::kShutOff, DomainEventKind::kStopped);
+  ASSERT_TRUE(loop_.run_until([&] { return state(id) == "stopped"; }));
+  EXPECT_EQ(service_->get_vm("a")->power, PowerIntent::kStopped);
+  EXPECT_EQ(hv_.domain(id.str())->info.state, DomainState::kShutOff);
+}
+
+TEST_F(NodeServiceTest, VmStartedBehindOurBackIsStoppedAgain) {
+  const VmId id = create("a");
+  hv_.set_state_behind_our_back(id.str(), DomainState::kRunning, DomainEventKind::kStarted);
+  ASSERT_TRUE(
+      loop_.run_until([&] { return hv_.domain(id.str())->info.state == DomainState::kShutOff; }));
+  settle();
+  EXPECT_EQ(state(id), "stopped");
+}
+
+TEST_F(NodeServiceTest, OrphansAreReportedNotTouchedAndForeignDomainsIgnored) {
+  const std::string orphan = "11111111-2222-4333-8444-555555555555";
+  hv_.add_foreign_domain(orphan, "nm-ghost",
+                         DomainOwner{VmId::trusted(orphan), TenantId::trusted("contoso"), 1});
+  hv_.add_foreign_domain("99999999-2222-4333-8444-555555555555", "someone-elses");
+  service_->audit();
+  ASSERT_TRUE(loop_.run_until([&] {
+    return std::any_of(obs_.events.begin(), obs_.events.end(),
+                       [&](const EventRecord& e) { return e.kind == "OrphanFound"; });
+  }));
+  EXPECT_EQ(hv_.domain(orphan)->info.state, DomainState::kRunning);
+  EXPECT_EQ(hv_.domain("99999999-2222-4333-8444-555555555555")->info.state, DomainState::kRunning);
+  EXPECT_EQ(hv_.calls("destroy_domain"), 0);
+}
+
+TEST_F(NodeServiceTest, OrphanPolicyRemoveDeletesOnlyOurOrphans) {
+  options_.orphan_policy = OrphanPolicy::kRemove;
+  open_service();
+  const std::string orphan = "11111111-2222-4333-8444-555555555555";
+  hv_.add_foreign_domain(orphan, "nm-ghost",
+                         DomainOwner{VmId::trusted(orphan), TenantId::trusted("contoso"), 1});
+  hv_.add_foreign_domain("99999999-2222-4333-8444-555555555555", "someone-elses");
+  service_->audit();
+  ASSERT_TRUE(loop_.run_until([&] { return !hv_.domain(orphan).has_value(); }));
+  EXPECT_TRUE(hv_.domain("99999999-2222-4333-8444-555555555555").has_value());
+}
+
+TEST_F(NodeServiceTest, RestartAdoptsRunningVmsWithoutTouchingThem) {
+  const VmId a = create("a");
+  const VmId b = create("b");
+  wait_done(*service_->start_vm("a", ""));
+  const int defines = hv_.calls("define_domain");
+  const int starts = hv_.calls("start_domain");
+  open_service();
+  settle();
+  EXPECT_EQ(obs_.added.size(), 2u);
+  EXPECT_EQ(state(a), "running");
+  EXPECT_EQ(state(b), "stopped");
+  EXPECT_EQ(hv_.calls("define_domain"), defines);
+  EXPECT_EQ(hv_.calls("start_domain"), starts);
+}
+
+TEST_F(NodeServiceTest, RestartOnAnEmptyHypervisorRestoresDesiredState) {
+  const VmId a = create("a");
+  const VmId b = create("b");
+  wait_done(*service_->start_vm("a", ""));
+  hv_.remove_behind_our_back(a.str());
+  hv_.remove_behind_our_back(b.str());
+  open_service();
+  ASSERT_TRUE(settle());
+  ASSERT_TRUE(hv_.domain(a.str()).has_value());
+  ASSERT_TRUE(hv_.domain(b.str()).has_value());
+  EXPECT_EQ(hv_.domain(a.str())->info.state, DomainState::kRunning);
+  EXPECT_EQ(hv_.domain(b.str())->info.state, DomainState::kShutOff);
+  EXPECT_EQ(state(a), "running");
+}
+
+TEST_F(NodeServiceTest, CrashMidCreateIsFinishedAtStartUp) {
+  // The create was committed but the daemon died before its job ran.
+  options_.debug_job_delay = 10s;
+  open_service();
+  auto r = service_->create_vm(spec("a"), "req-a");
+  ASSERT_TRUE(r.is_ok());
+  options_.debug_job_delay = 0ms;
+  open_service();  // the old service is torn down mid-job, as by kill -9
+  ASSERT_TRUE(settle());
+  EXPECT_TRUE(hv_.domain(r->vm_id.str()).has_value());
+  EXPECT_TRUE(hv_.overlay(r->vm_id.str()).has_value());
+  EXPECT_EQ(state(r->vm_id), "stopped");
+  EXPECT_EQ(service_->create_vm(spec("a"), "req-a")->vm_id, r->vm_id);
+}
+
+TEST_F(NodeServiceTest, CrashMidDeleteIsFinishedAtStartUp) {
+  const VmId id = create("a");
+  options_.debug_job_delay = 10s;
+  open_service();
+  auto job = service_->delete_vm("a", "del-a");
+  ASSERT_TRUE(job.is_ok());
+  options_.debug_job_delay = 0ms;
+  open_service();
+  ASSERT_TRUE(settle());
+  EXPECT_FALSE(hv_.domain(id.str()).has_value());
+  EXPECT_FALSE(hv_.overlay(id.str()).has_value());
+  EXPECT_TRUE(service_->list_vms("").empty());
+}
+
+TEST_F(NodeServiceTest, ImagesInUseCannotBeRemoved) {
+  create("web-1");
+  const Status s = service_->remove_image("base:1", "");
+  EXPECT_EQ(s.code(), Code::kConflict);
+  EXPECT_NE(s.message().find("'web-1'"), std::string::npos);
+  EXPECT_TRUE(images_->resolve("base:1").is_ok());
+  wait_done(*service_->delete_vm("web-1", ""));
+  EXPECT_TRUE(service_->remove_image("base:1", "").is_ok());
+  EXPECT_EQ(images_->resolve("base:1").status().code(), Code::kNotFound);
+}
+
+TEST_F(NodeServiceTest, ImportRejectsAWrongDigestAndKeepsNothing) {
+  const auto path = dir_ / "bad-src";
+  std::ofstream(path) << "some bytes";
+  UniqueFd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
+  auto job = service_->import_image("bad:1", std::move(fd), std::string(64, 'a'), "disk", "", "");
+  ASSERT_TRUE(job.is_ok());
+  const JobOutcome o = wait(*job);
+  EXPECT_EQ(o.result, "failed");
+  EXPECT_EQ(o.error.code(), Code::kInvalidArgument);
+  EXPECT_EQ(images_->resolve("bad:1").status().code(), Code::kNotFound);
+}
+
+}  // namespace
+}  // namespace nm
