@@ -1,0 +1,98 @@
+// bench_floor_server: the floor of the ListVms benchmark. A minimal sd-bus server with nothing
+// behind its methods, so a round trip to it costs only the client, dbus-daemon and sd-bus.
+//
+//   bench_floor_server --bus ADDRESS
+//
+// Owns 'org.nodemanager.BenchFloor' and serves /org/nodemanager/BenchFloor, interface
+// org.nodemanager.BenchFloor: Ping() -> () and Echo(s) -> s. Runs until SIGTERM or SIGINT.
+#include <csignal>
+#include <cstdio>
+#include <cstring>
+#include <string>
+#include <string_view>
+
+#include "bench_bus.h"
+
+namespace {
+
+constexpr const char* kName = "org.nodemanager.BenchFloor";
+constexpr const char* kPath = "/org/nodemanager/BenchFloor";
+constexpr const char* kInterface = "org.nodemanager.BenchFloor";
+
+int on_ping(sd_bus_message* m, void* /*userdata*/, sd_bus_error* /*error*/) noexcept {
+  return sd_bus_reply_method_return(m, "");
+}
+
+int on_echo(sd_bus_message* m, void* /*userdata*/, sd_bus_error* /*error*/) noexcept {
+  const char* text = nullptr;
+  const int r = sd_bus_message_read(m, "s", &text);
+  if (r < 0) return r;
+  return sd_bus_reply_method_return(m, "s", text);
+}
+
+const sd_bus_vtable kVtable[] = {
+    SD_BUS_VTABLE_START(0),
+    SD_BUS_METHOD("Ping", "", "", on_ping, SD_BUS_VTABLE_UNPRIVILEGED),
+    SD_BUS_METHOD("Echo", "s", "s", on_echo, SD_BUS_VTABLE_UNPRIVILEGED),
+    SD_BUS_VTABLE_END,
+};
+
+int fail(const nm::Status& s) {
+  std::fprintf(stderr, "bench_floor_server: %s\n", s.to_string().c_str());
+  return 1;
+}
+
+int run(const std::string& address) {
+  sigset_t mask;
+  sigemptyset(&mask);
+  sigaddset(&mask, SIGTERM);
+  sigaddset(&mask, SIGINT);
+  sigprocmask(SIG_BLOCK, &mask, nullptr);
+
+  sd_event* raw_event = nullptr;
+  int r = sd_event_new(&raw_event);
+  if (r < 0) return fail(nm::bench::bus_status(r, nullptr, "sd_event_new"));
+  nm::bench::EventPtr event(raw_event);
+  for (const int sig : {SIGTERM, SIGINT}) {
+    r = sd_event_add_signal(event.get(), nullptr, sig, nullptr, nullptr);
+    if (r < 0) return fail(nm::bench::bus_status(r, nullptr, "sd_event_add_signal"));
+  }
+
+  auto bus = nm::bench::connect_bus(address);
+  if (!bus.is_ok()) return fail(bus.status());
+  r = sd_bus_add_object_vtable(bus->get(), nullptr, kPath, kInterface, kVtable, nullptr);
+  if (r < 0) return fail(nm::bench::bus_status(r, nullptr, "sd_bus_add_object_vtable"));
+  r = sd_bus_request_name(bus->get(), kName, 0);
+  if (r < 0)
+    return fail(nm::bench::bus_status(r, nullptr, std::string("requesting '") + kName + "'"));
+  r = sd_bus_attach_event(bus->get(), event.get(), SD_EVENT_PRIORITY_NORMAL);
+  if (r < 0) return fail(nm::bench::bus_status(r, nullptr, "sd_bus_attach_event"));
+
+  r = sd_event_loop(event.get());
+  if (r < 0) return fail(nm::bench::bus_status(r, nullptr, "sd_event_loop"));
+  sd_bus_detach_event(bus->get());
+  return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  std::string address;
+  for (int i = 1; i < argc; ++i) {
+    const std::string_view arg = argv[i];
+    if (arg == "--bus" && i + 1 < argc) {
+      address = argv[++i];
+    } else if (arg == "--help" || arg == "-h") {
+      std::printf("usage: bench_floor_server --bus ADDRESS\n");
+      return 0;
+    } else {
+      std::fprintf(stderr, "bench_floor_server: unknown argument '%s'\n", argv[i]);
+      return 2;
+    }
+  }
+  if (address.empty()) {
+    std::fprintf(stderr, "bench_floor_server: --bus ADDRESS is required\n");
+    return 2;
+  }
+  return run(address);
+}
