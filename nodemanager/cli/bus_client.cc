@@ -1,0 +1,511 @@
+#include "bus_client.h"
+
+#include <systemd/sd-bus.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstring>
+#include <functional>
+#include <map>
+
+namespace nm::cli {
+namespace {
+
+constexpr const char* kService = "org.nodemanager.NodeManager1";
+constexpr const char* kPath = "/org/nodemanager/NodeManager1";
+constexpr const char* kManager = "org.nodemanager.NodeManager1.Manager";
+constexpr const char* kJob = "org.nodemanager.NodeManager1.Job";
+
+struct BusDeleter {
+  void operator()(sd_bus* b) const noexcept { sd_bus_flush_close_unref(b); }
+};
+struct MessageDeleter {
+  void operator()(sd_bus_message* m) const noexcept { sd_bus_message_unref(m); }
+};
+struct SlotDeleter {
+  void operator()(sd_bus_slot* s) const noexcept { sd_bus_slot_unref(s); }
+};
+using BusPtr = std::unique_ptr<sd_bus, BusDeleter>;
+using MessagePtr = std::unique_ptr<sd_bus_message, MessageDeleter>;
+using SlotPtr = std::unique_ptr<sd_bus_slot, SlotDeleter>;
+
+class ErrorHolder {
+ public:
+  ErrorHolder() = default;
+  ErrorHolder(const ErrorHolder&) = delete;
+  ErrorHolder& operator=(const ErrorHolder&) = delete;
+  ~ErrorHolder() { sd_bus_error_free(&error_); }
+  sd_bus_error* get() { return &error_; }
+
+ private:
+  sd_bus_error error_{};  // all null: SD_BUS_ERROR_NULL without the C99 compound literal
+};
+
+Code code_from_errno(int err) {
+  switch (err) {
+    case EACCES:
+    case EPERM:
+      return Code::kAccessDenied;
+    case EINVAL:
+      return Code::kInvalidArgument;
+    case ENOMEM:
+      return Code::kInternal;
+    default:
+      return Code::kUnavailable;
+  }
+}
+
+// The one translator from sd-bus's error space to Status.
+Status bus_status(int r, const sd_bus_error* e, std::string_view what) {
+  if (e != nullptr && sd_bus_error_is_set(e)) {
+    const std::string name = e->name;
+    const std::string message = e->message != nullptr ? e->message : "";
+    const Code code = code_from_dbus_error(name);
+    if (name.rfind("org.nodemanager.NodeManager1.Error.", 0) == 0) return {code, message};
+    if (name == "org.freedesktop.DBus.Error.ServiceUnknown" ||
+        name == "org.freedesktop.DBus.Error.NameHasNoOwner") {
+      return {code, "nodemanagerd is not running on this bus (" + message + ")"};
+    }
+    if (name == "org.freedesktop.DBus.Error.Timeout" ||
+        name == "org.freedesktop.DBus.Error.NoReply") {
+      return {code, std::string(what) + ": no reply from nodemanagerd (" + message + ")"};
+    }
+    return {code, std::string(what) + ": " + name + ": " + message};
+  }
+  const int err = r < 0 ? -r : r;
+  if (err == ETIMEDOUT) return {Code::kUnavailable, std::string(what) + ": timed out"};
+  return {code_from_errno(err), std::string(what) + ": " + std::strerror(err)};
+}
+
+Status read_status(int r, std::string_view what) {
+  return {Code::kInternal, "malformed reply to " + std::string(what) + ": " + std::strerror(-r)};
+}
+
+bool is_gone_error(const sd_bus_error* e) {
+  if (!sd_bus_error_is_set(e)) return false;
+  const std::string_view n = e->name;
+  return n == "org.freedesktop.DBus.Error.UnknownObject" ||
+         n == "org.freedesktop.DBus.Error.UnknownInterface" ||
+         n == "org.freedesktop.DBus.Error.UnknownMethod" ||
+         n == "org.freedesktop.DBus.Error.UnknownProperty" ||
+         n == "org.nodemanager.NodeManager1.Error.NotFound";
+}
+
+uint64_t remaining_usec(const Deadline& deadline) {
+  if (!deadline) return UINT64_MAX;
+  const auto now = std::chrono::steady_clock::now();
+  if (now >= *deadline) return 0;
+  return static_cast<uint64_t>(
+      std::chrono::duration_cast<std::chrono::microseconds>(*deadline - now).count());
+}
+
+}  // namespace
+
+struct BusClient::Impl {
+  BusPtr bus;
+  uint64_t timeout_usec = 0;
+  // Declared after `bus`: destroyed before it.
+  SlotPtr job_slot;
+  SlotPtr owner_slot;
+  SlotPtr state_slot;
+  SlotPtr event_job_slot;
+
+  std::map<std::string, JobOutcome> ended;  // JobRemoved seen, by job path
+  bool daemon_gone = false;
+  bool out_of_memory = false;
+  uint64_t newest_seq = 0;
+  uint64_t reported_seq = 0;
+
+  static int on_job_removed(sd_bus_message* m, void* userdata, sd_bus_error*) noexcept {
+    auto* self = static_cast<Impl*>(userdata);
+    uint64_t seq = 0;
+    uint32_t id = 0;
+    const char* path = nullptr;
+    const char* kind = nullptr;
+    const char* object_id = nullptr;
+    const char* result = nullptr;
+    const char* error_name = nullptr;
+    const char* error_message = nullptr;
+    if (sd_bus_message_rewind(m, 1) < 0) return 0;
+    if (sd_bus_message_read(m, "tuosssss", &seq, &id, &path, &kind, &object_id, &result,
+                            &error_name, &error_message) < 0) {
+      return 0;
+    }
+    try {
+      self->ended[path] = JobOutcome{.job = path,
+                                     .job_id = id,
+                                     .kind = kind,
+                                     .object_id = object_id,
+                                     .result = result,
+                                     .error_name = error_name,
+                                     .error_message = error_message};
+    } catch (...) {
+      self->out_of_memory = true;
+    }
+    return 0;
+  }
+
+  static int on_event_signal(sd_bus_message* m, void* userdata, sd_bus_error*) noexcept {
+    auto* self = static_cast<Impl*>(userdata);
+    uint64_t seq = 0;
+    if (sd_bus_message_rewind(m, 1) < 0) return 0;
+    if (sd_bus_message_read(m, "t", &seq) < 0) return 0;
+    self->newest_seq = std::max(self->newest_seq, seq);
+    return 0;
+  }
+
+  static int on_owner_changed(sd_bus_message* m, void* userdata, sd_bus_error*) noexcept {
+    auto* self = static_cast<Impl*>(userdata);
+    const char* name = nullptr;
+    const char* old_owner = nullptr;
+    const char* new_owner = nullptr;
+    if (sd_bus_message_read(m, "sss", &name, &old_owner, &new_owner) < 0) return 0;
+    if (std::strcmp(name, kService) == 0) self->daemon_gone = new_owner[0] == '\0';
+    return 0;
+  }
+
+  Result<MessagePtr> call(const char* path, const char* iface, const char* member,
+                          const std::function<int(sd_bus_message*)>& append) {
+    sd_bus_message* raw = nullptr;
+    int r = sd_bus_message_new_method_call(bus.get(), &raw, kService, path, iface, member);
+    MessagePtr msg(raw);
+    if (r < 0) return bus_status(r, nullptr, member);
+    if (append) {
+      r = append(msg.get());
+      if (r < 0) return bus_status(r, nullptr, member);
+    }
+    ErrorHolder error;
+    sd_bus_message* reply_raw = nullptr;
+    r = sd_bus_call(bus.get(), msg.get(), timeout_usec, error.get(), &reply_raw);
+    MessagePtr reply(reply_raw);
+    if (r < 0) return bus_status(r, error.get(), member);
+    return reply;
+  }
+
+  Result<MessagePtr> call_manager(const char* member,
+                                  const std::function<int(sd_bus_message*)>& append) {
+    return call(kPath, kManager, member, append);
+  }
+
+  Result<std::string> read_object_path(Result<MessagePtr> reply, const char* member) {
+    if (!reply) return reply.status();
+    const char* path = nullptr;
+    const int r = sd_bus_message_read(reply->get(), "o", &path);
+    if (r < 0) return read_status(r, member);
+    return std::string(path);
+  }
+
+  // Turns everything already received into callbacks, without blocking.
+  Status drain() {
+    for (;;) {
+      const int r = sd_bus_process(bus.get(), nullptr);
+      if (r < 0) return bus_status(r, nullptr, "reading from the bus");
+      if (r == 0) return Status::ok();
+    }
+  }
+
+  // Processes one message or waits for the next; Unavailable after the deadline.
+  Status pump(const Deadline& deadline, std::string_view waiting_for) {
+    const int r = sd_bus_process(bus.get(), nullptr);
+    if (r < 0) return bus_status(r, nullptr, "reading from the bus");
+    if (r > 0) return Status::ok();
+    const uint64_t left = remaining_usec(deadline);
+    if (left == 0) return unavailable("timed out waiting for " + std::string(waiting_for));
+    const int w = sd_bus_wait(bus.get(), left);
+    if (w < 0 && w != -EINTR) return bus_status(w, nullptr, "waiting on the bus");
+    return Status::ok();
+  }
+
+  Status add_match(SlotPtr* slot, const char* sender, const char* member,
+                   sd_bus_message_handler_t cb) {
+    sd_bus_slot* raw = nullptr;
+    const int r = sd_bus_match_signal(bus.get(), &raw, sender, kPath, kManager, member, cb, this);
+    slot->reset(raw);
+    if (r < 0) return bus_status(r, nullptr, "subscribing to signals");
+    return Status::ok();
+  }
+
+  // Where a retried request's job ended long ago: look its JobRemoved up in the event ring.
+  Result<JobOutcome> outcome_from_ring(const std::string& job, uint32_t job_id);
+  Result<EventPage> get_events(uint64_t since, uint32_t max);
+};
+
+BusClient::BusClient(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+BusClient::~BusClient() = default;
+
+Result<std::unique_ptr<BusClient>> BusClient::connect(std::string_view bus,
+                                                      std::chrono::microseconds call_timeout) {
+  auto impl = std::make_unique<Impl>();
+  impl->timeout_usec = static_cast<uint64_t>(call_timeout.count());
+  sd_bus* raw = nullptr;
+  if (bus == "system" || bus == "session") {
+    const int r = bus == "system" ? sd_bus_open_system(&raw) : sd_bus_open_user(&raw);
+    impl->bus.reset(raw);
+    if (r < 0) return bus_status(r, nullptr, "connecting to the " + std::string(bus) + " bus");
+  } else {
+    int r = sd_bus_new(&raw);
+    impl->bus.reset(raw);
+    if (r < 0) return bus_status(r, nullptr, "creating a bus connection");
+    const std::string address(bus);
+    r = sd_bus_set_address(raw, address.c_str());
+    if (r < 0) return invalid_argument("--bus: '" + address + "' is not a D-Bus address");
+    if ((r = sd_bus_set_bus_client(raw, 1)) < 0 || (r = sd_bus_start(raw)) < 0) {
+      return bus_status(r, nullptr, "connecting to '" + address + "'");
+    }
+  }
+  return std::unique_ptr<BusClient>(new BusClient(std::move(impl)));
+}
+
+Result<CreateVmReply> BusClient::create_vm(const std::string& spec_json,
+                                           const std::string& request_id) {
+  auto reply = impl_->call_manager("CreateVm", [&](sd_bus_message* m) {
+    return sd_bus_message_append(m, "ss", spec_json.c_str(), request_id.c_str());
+  });
+  if (!reply) return reply.status();
+  const char* id = nullptr;
+  const char* vm = nullptr;
+  const char* job = nullptr;
+  const int r = sd_bus_message_read(reply->get(), "soo", &id, &vm, &job);
+  if (r < 0) return read_status(r, "CreateVm");
+  return CreateVmReply{.vm_id = id, .vm_path = vm, .job = job};
+}
+
+Result<std::string> BusClient::start_vm(const std::string& vm, const std::string& request_id) {
+  return impl_->read_object_path(impl_->call_manager("StartVm",
+                                                     [&](sd_bus_message* m) {
+                                                       return sd_bus_message_append(
+                                                           m, "ss", vm.c_str(), request_id.c_str());
+                                                     }),
+                                 "StartVm");
+}
+
+Result<std::string> BusClient::stop_vm(const std::string& vm, bool force,
+                                       const std::string& request_id) {
+  return impl_->read_object_path(
+      impl_->call_manager("StopVm",
+                          [&](sd_bus_message* m) {
+                            return sd_bus_message_append(
+                                m, "sbs", vm.c_str(), static_cast<int>(force), request_id.c_str());
+                          }),
+      "StopVm");
+}
+
+Result<std::string> BusClient::reboot_vm(const std::string& vm, const std::string& request_id) {
+  return impl_->read_object_path(impl_->call_manager("RebootVm",
+                                                     [&](sd_bus_message* m) {
+                                                       return sd_bus_message_append(
+                                                           m, "ss", vm.c_str(), request_id.c_str());
+                                                     }),
+                                 "RebootVm");
+}
+
+Result<std::string> BusClient::delete_vm(const std::string& vm, const std::string& request_id) {
+  return impl_->read_object_path(impl_->call_manager("DeleteVm",
+                                                     [&](sd_bus_message* m) {
+                                                       return sd_bus_message_append(
+                                                           m, "ss", vm.c_str(), request_id.c_str());
+                                                     }),
+                                 "DeleteVm");
+}
+
+Result<std::string> BusClient::get_vm(const std::string& vm) {
+  auto reply = impl_->call_manager(
+      "GetVm", [&](sd_bus_message* m) { return sd_bus_message_append(m, "s", vm.c_str()); });
+  if (!reply) return reply.status();
+  const char* json = nullptr;
+  const int r = sd_bus_message_read(reply->get(), "s", &json);
+  if (r < 0) return read_status(r, "GetVm");
+  return std::string(json);
+}
+
+Result<std::vector<VmRow>> BusClient::list_vms(const std::string& tenant) {
+  auto reply = impl_->call_manager(
+      "ListVms", [&](sd_bus_message* m) { return sd_bus_message_append(m, "s", tenant.c_str()); });
+  if (!reply) return reply.status();
+  sd_bus_message* m = reply->get();
+  int r = sd_bus_message_enter_container(m, 'a', "(sssstt)");
+  if (r < 0) return read_status(r, "ListVms");
+  std::vector<VmRow> rows;
+  for (;;) {
+    const char *id = nullptr, *name = nullptr, *ten = nullptr, *state = nullptr;
+    uint64_t gen = 0, observed = 0;
+    r = sd_bus_message_read(m, "(sssstt)", &id, &name, &ten, &state, &gen, &observed);
+    if (r < 0) return read_status(r, "ListVms");
+    if (r == 0) break;
+    rows.push_back(VmRow{.id = id,
+                         .name = name,
+                         .tenant = ten,
+                         .state = state,
+                         .generation = gen,
+                         .observed_generation = observed});
+  }
+  return rows;
+}
+
+Result<std::string> BusClient::import_image(const std::string& image, int fd,
+                                            const std::string& sha256, const std::string& kind,
+                                            const std::string& tenant,
+                                            const std::string& request_id) {
+  return impl_->read_object_path(impl_->call_manager("ImportImage",
+                                                     [&](sd_bus_message* m) {
+                                                       return sd_bus_message_append(
+                                                           m, "shssss", image.c_str(), fd,
+                                                           sha256.c_str(), kind.c_str(),
+                                                           tenant.c_str(), request_id.c_str());
+                                                     }),
+                                 "ImportImage");
+}
+
+Result<std::vector<ImageRow>> BusClient::list_images() {
+  auto reply = impl_->call_manager("ListImages", nullptr);
+  if (!reply) return reply.status();
+  sd_bus_message* m = reply->get();
+  int r = sd_bus_message_enter_container(m, 'a', "(sssstts)");
+  if (r < 0) return read_status(r, "ListImages");
+  std::vector<ImageRow> rows;
+  for (;;) {
+    const char *ref = nullptr, *digest = nullptr, *kind = nullptr, *format = nullptr,
+               *tenant = nullptr;
+    uint64_t size = 0, vsize = 0;
+    r = sd_bus_message_read(m, "(sssstts)", &ref, &digest, &kind, &format, &size, &vsize, &tenant);
+    if (r < 0) return read_status(r, "ListImages");
+    if (r == 0) break;
+    rows.push_back(ImageRow{.ref = ref,
+                            .digest = digest,
+                            .kind = kind,
+                            .format = format,
+                            .size = size,
+                            .virtual_size = vsize,
+                            .tenant = tenant});
+  }
+  return rows;
+}
+
+Status BusClient::remove_image(const std::string& image, const std::string& request_id) {
+  return impl_
+      ->call_manager("RemoveImage",
+                     [&](sd_bus_message* m) {
+                       return sd_bus_message_append(m, "ss", image.c_str(), request_id.c_str());
+                     })
+      .status();
+}
+
+Result<EventPage> BusClient::Impl::get_events(uint64_t since, uint32_t max) {
+  auto reply = call_manager(
+      "GetEvents", [&](sd_bus_message* m) { return sd_bus_message_append(m, "tu", since, max); });
+  if (!reply) return reply.status();
+  sd_bus_message* m = reply->get();
+  int r = sd_bus_message_enter_container(m, 'a', "(ttsss)");
+  if (r < 0) return read_status(r, "GetEvents");
+  EventPage page;
+  for (;;) {
+    uint64_t seq = 0, ts = 0;
+    const char *kind = nullptr, *object_id = nullptr, *payload = nullptr;
+    r = sd_bus_message_read(m, "(ttsss)", &seq, &ts, &kind, &object_id, &payload);
+    if (r < 0) return read_status(r, "GetEvents");
+    if (r == 0) break;
+    page.events.push_back(EventRow{
+        .seq = seq, .ts_us = ts, .kind = kind, .object_id = object_id, .payload_json = payload});
+  }
+  r = sd_bus_message_exit_container(m);
+  if (r < 0) return read_status(r, "GetEvents");
+  r = sd_bus_message_read(m, "t", &page.last_seq);
+  if (r < 0) return read_status(r, "GetEvents");
+  return page;
+}
+
+Result<EventPage> BusClient::get_events(uint64_t since, uint32_t max) {
+  return impl_->get_events(since, max);
+}
+
+Status BusClient::watch_jobs() {
+  NM_RETURN_IF_ERROR(
+      impl_->add_match(&impl_->job_slot, kService, "JobRemoved", &Impl::on_job_removed));
+  sd_bus_slot* raw = nullptr;
+  const std::string rule = std::string(
+                               "type='signal',sender='org.freedesktop.DBus',path='/org/"
+                               "freedesktop/DBus',interface='org.freedesktop.DBus',member='"
+                               "NameOwnerChanged',arg0='") +
+                           kService + "'";
+  const int r =
+      sd_bus_add_match(impl_->bus.get(), &raw, rule.c_str(), &Impl::on_owner_changed, impl_.get());
+  impl_->owner_slot.reset(raw);
+  if (r < 0) return bus_status(r, nullptr, "subscribing to NameOwnerChanged");
+  return Status::ok();
+}
+
+Result<JobOutcome> BusClient::Impl::outcome_from_ring(const std::string& job, uint32_t job_id) {
+  JobOutcome found{.job = job, .job_id = job_id, .result = "unknown"};
+  uint64_t since = 0;
+  for (;;) {
+    NM_ASSIGN_OR_RETURN(EventPage page, get_events(since, 1000));
+    if (page.events.empty()) break;
+    for (const auto& e : page.events) job_outcome_from_event(e, job_id, job, &found);
+    since = page.events.back().seq;
+    if (since >= page.last_seq) break;
+  }
+  return found;
+}
+
+Result<JobOutcome> BusClient::wait_job(const std::string& job, Deadline deadline) {
+  const uint32_t job_id = job_id_from_path(job).value_or(0);
+  auto seen = [&]() -> std::optional<JobOutcome> {
+    const auto it = impl_->ended.find(job);
+    if (it == impl_->ended.end()) return std::nullopt;
+    return it->second;
+  };
+  NM_RETURN_IF_ERROR(impl_->drain());
+  if (auto o = seen()) return *o;
+
+  // Does the job still exist? A retried request may be answered with a job that ended long ago.
+  {
+    sd_bus_message* raw = nullptr;
+    int r = sd_bus_message_new_method_call(impl_->bus.get(), &raw, kService, job.c_str(),
+                                           "org.freedesktop.DBus.Properties", "Get");
+    MessagePtr msg(raw);
+    if (r < 0) return bus_status(r, nullptr, "Get");
+    r = sd_bus_message_append(msg.get(), "ss", kJob, "Id");
+    if (r < 0) return bus_status(r, nullptr, "Get");
+    ErrorHolder error;
+    sd_bus_message* reply_raw = nullptr;
+    r = sd_bus_call(impl_->bus.get(), msg.get(), impl_->timeout_usec, error.get(), &reply_raw);
+    MessagePtr reply(reply_raw);
+    if (r < 0) {
+      if (!is_gone_error(error.get())) return bus_status(r, error.get(), "Job.Id");
+      NM_RETURN_IF_ERROR(impl_->drain());
+      if (auto o = seen()) return *o;
+      return impl_->outcome_from_ring(job, job_id);
+    }
+  }
+
+  for (;;) {
+    if (auto o = seen()) return *o;
+    if (impl_->out_of_memory) return internal_error("out of memory while waiting for a job");
+    if (impl_->daemon_gone) {
+      return unavailable("nodemanagerd left the bus before job " + std::to_string(job_id) +
+                         " ended");
+    }
+    NM_RETURN_IF_ERROR(impl_->pump(deadline, "job " + std::to_string(job_id)));
+  }
+}
+
+Status BusClient::watch_events() {
+  NM_RETURN_IF_ERROR(
+      impl_->add_match(&impl_->state_slot, kService, "VmStateChanged", &Impl::on_event_signal));
+  return impl_->add_match(&impl_->event_job_slot, kService, "JobRemoved", &Impl::on_event_signal);
+}
+
+Result<uint64_t> BusClient::wait_event_signal(Deadline deadline) {
+  for (;;) {
+    NM_RETURN_IF_ERROR(impl_->drain());
+    if (impl_->newest_seq > impl_->reported_seq) {
+      impl_->reported_seq = impl_->newest_seq;
+      return impl_->newest_seq;
+    }
+    if (remaining_usec(deadline) == 0) return uint64_t{0};
+    const int w = sd_bus_wait(impl_->bus.get(), remaining_usec(deadline));
+    if (w < 0 && w != -EINTR) return bus_status(w, nullptr, "waiting on the bus");
+  }
+}
+
+}  // namespace nm::cli
