@@ -120,6 +120,8 @@ struct Job {
   std::function<void()> revert;
   bool cancellable_while_running = true;
   double last_progress_posted = 0.0;
+  std::optional<PowerIntent> intent;               // start/stop requests: the power they ask for
+  PowerIntent prev_power = PowerIntent::kStopped;  // the desired power before that request
 };
 
 class NodeServiceImpl final : public NodeService {
@@ -152,8 +154,9 @@ class NodeServiceImpl final : public NodeService {
       auto [it, _] = vms_.emplace(r.id.str(), std::move(r));
       if (observer_) observer_->on_vm_added(it->second);
     }
-    d_.hypervisor.set_event_handler([this, alive = alive_](const DomainEvent& ev) {
-      d_.loop.post([this, alive, ev] {
+    // Runs on the hypervisor's event thread: touches only the loop, which outlives the service.
+    d_.hypervisor.set_event_handler([this, loop = &d_.loop, alive = alive_](const DomainEvent& ev) {
+      loop->post([this, alive, ev] {
         if (*alive) on_domain_event(ev);
       });
     });
@@ -161,7 +164,7 @@ class NodeServiceImpl final : public NodeService {
     NM_ASSIGN_OR_RETURN(auto overlays, d_.hypervisor.list_overlays());
     log_->info("start-up reconcile: {} VMs in the database, {} domains on the hypervisor",
                vms_.size(), domains.size());
-    reconcile_all(domains, overlays);
+    reconcile_all(domains, overlays, epoch_counter_);
     return Status::ok();
   }
 
@@ -256,16 +259,17 @@ class NodeServiceImpl final : public NodeService {
 
   Result<uint32_t> reboot_vm(std::string_view ref, std::string_view request_id) override {
     NM_ASSIGN_OR_RETURN(auto rid, parse_request_id(request_id));
-    NM_ASSIGN_OR_RETURN(VmRecord * vm, find_vm(ref));
-    NM_ASSIGN_OR_RETURN(auto replayed, replay(rid, "RebootVm", vm->id.str()));
+    const std::string fingerprint(ref);
+    NM_ASSIGN_OR_RETURN(auto replayed, replay(rid, "RebootVm", fingerprint));
     if (replayed) return replayed->at("job_id").get<uint32_t>();
+    NM_ASSIGN_OR_RETURN(VmRecord * vm, find_vm(ref));
     if (vm->deleting) return conflict("vm '" + vm->spec.name.str() + "' is being deleted");
     uint32_t job_id = 0;
     std::vector<EventRecord> events;
     NM_RETURN_IF_ERROR(commit(
         [&](StateTxn& txn) -> Status {
           NM_ASSIGN_OR_RETURN(job_id, allocate_job(txn));
-          return put_reply(txn, rid, "RebootVm", vm->id.str(), {{"job_id", job_id}});
+          return put_reply(txn, rid, "RebootVm", fingerprint, {{"job_id", job_id}});
         },
         events));
     enqueue(make_reboot_job(job_id, *vm));
@@ -274,11 +278,20 @@ class NodeServiceImpl final : public NodeService {
 
   Result<uint32_t> delete_vm(std::string_view ref, std::string_view request_id) override {
     NM_ASSIGN_OR_RETURN(auto rid, parse_request_id(request_id));
-    NM_ASSIGN_OR_RETURN(VmRecord * vm, find_vm(ref));
-    NM_ASSIGN_OR_RETURN(auto replayed, replay(rid, "DeleteVm", vm->id.str()));
+    const std::string fingerprint(ref);
+    NM_ASSIGN_OR_RETURN(auto replayed, replay(rid, "DeleteVm", fingerprint));
     if (replayed) return replayed->at("job_id").get<uint32_t>();
+    NM_ASSIGN_OR_RETURN(VmRecord * vm, find_vm(ref));
+    std::vector<EventRecord> events;
     if (vm->deleting) {
-      if (auto job = find_job(vm->id.str(), "delete")) return *job;
+      if (auto job = find_job(vm->id.str(), "delete")) {
+        NM_RETURN_IF_ERROR(commit(
+            [&](StateTxn& txn) {
+              return put_reply(txn, rid, "DeleteVm", fingerprint, {{"job_id", *job}});
+            },
+            events));
+        return *job;
+      }
     }
     VmRecord next = *vm;
     next.deleting = true;
@@ -287,12 +300,11 @@ class NodeServiceImpl final : public NodeService {
     next.state_reason = "delete requested";
     next.updated_us = d_.clock.now_realtime_us();
     uint32_t job_id = 0;
-    std::vector<EventRecord> events;
     NM_RETURN_IF_ERROR(commit(
         [&](StateTxn& txn) -> Status {
           NM_ASSIGN_OR_RETURN(job_id, allocate_job(txn));
           NM_RETURN_IF_ERROR(txn.put_vm(next));
-          NM_RETURN_IF_ERROR(put_reply(txn, rid, "DeleteVm", next.id.str(), {{"job_id", job_id}}));
+          NM_RETURN_IF_ERROR(put_reply(txn, rid, "DeleteVm", fingerprint, {{"job_id", job_id}}));
           return append_state_event(txn, next, events);
         },
         events));
@@ -358,10 +370,12 @@ class NodeServiceImpl final : public NodeService {
     job->key = "image:" + ref.str();
     auto fd = std::make_shared<UniqueFd>(std::move(data));
     job->work = [this, ref, digest, kind, tenant, fd, job_id](JobContext& ctx) -> Status {
-      auto progress = [this, job_id](uint64_t done, uint64_t total) {
+      auto progress = [this, job_id, alive = alive_](uint64_t done, uint64_t total) {
         if (total == 0) return;
         const double p = static_cast<double>(done) / static_cast<double>(total);
-        d_.loop.post([this, job_id, p] { set_progress(job_id, p); });
+        d_.loop.post([this, job_id, p, alive] {
+          if (*alive) set_progress(job_id, p);
+        });
       };
       auto r = d_.images.import(ref, fd->get(), digest, kind, tenant, progress, &ctx.cancelled);
       return r.status();
@@ -444,7 +458,7 @@ class NodeServiceImpl final : public NodeService {
       if (q.empty()) queues_.erase(job.key);
       job.ctx->cancelled = true;
       if (job.revert) job.revert();
-      remove_job(id, {"cancelled", Status::ok()});
+      (void)remove_job(id, {"cancelled", Status::ok()});
       return Status::ok();
     }
     if (!job.cancellable_while_running) {
@@ -467,44 +481,60 @@ class NodeServiceImpl final : public NodeService {
     for (auto& [id, job] : jobs_) {
       if (job->key == ev.uuid) job->ctx->notify();
     }
-    if (queues_.count(ev.uuid)) return;  // a job owns this VM; it records the outcome
-    const VmId id = it->second.id;
-    d_.workers.submit([this, id, alive = alive_] {
-      auto dom = d_.hypervisor.get_domain(id);
-      d_.loop.post([this, id, alive, dom = std::move(dom)] {
-        if (!*alive) return;
-        if (!dom.is_ok()) {
-          log_->warn("reading domain {} after an event: {}; the next audit retries", id.str(),
-                     dom.status().to_string());
-          return;
-        }
-        auto vm = vms_.find(id.str());
-        if (vm == vms_.end() || queues_.count(id.str())) return;
-        converge(vm->second, dom->has_value() ? &**dom : nullptr);
-      });
-    });
+    if (queues_.count(ev.uuid)) return;  // a job owns this VM; observe() runs after it
+    observe(it->second.id);
   }
 
   void audit() override {
     if (audit_in_flight_) return;
     audit_in_flight_ = true;
-    d_.workers.submit([this, alive = alive_] {
+    const uint64_t taken_at = epoch_counter_;
+    d_.workers.submit([this, taken_at, alive = alive_] {
       auto domains = d_.hypervisor.list_domains();
       auto overlays = d_.hypervisor.list_overlays();
-      d_.loop.post([this, alive, domains = std::move(domains), overlays = std::move(overlays)] {
-        if (!*alive) return;
-        audit_in_flight_ = false;
-        if (!domains.is_ok() || !overlays.is_ok()) {
-          log_->warn("audit: listing libvirt state failed: {}; retrying at the next audit",
-                     (!domains.is_ok() ? domains.status() : overlays.status()).to_string());
-          return;
-        }
-        reconcile_all(*domains, *overlays);
-      });
+      d_.loop.post(
+          [this, taken_at, alive, domains = std::move(domains), overlays = std::move(overlays)] {
+            if (!*alive) return;
+            audit_in_flight_ = false;
+            if (!domains.is_ok() || !overlays.is_ok()) {
+              log_->warn("audit: listing libvirt state failed: {}; retrying at the next audit",
+                         (!domains.is_ok() ? domains.status() : overlays.status()).to_string());
+              return;
+            }
+            reconcile_all(*domains, *overlays, taken_at);
+          });
     });
   }
 
  private:
+  // Reads one VM's domain on a worker and converges it, unless a job touched the VM meanwhile.
+  void observe(const VmId& id) {
+    const uint64_t taken_at = epoch_counter_;
+    d_.workers.submit([this, id, taken_at, alive = alive_] {
+      auto dom = d_.hypervisor.get_domain(id);
+      d_.loop.post([this, id, taken_at, alive, dom = std::move(dom)] {
+        if (!*alive) return;
+        if (!dom.is_ok()) {
+          log_->warn("reading domain {}: {}; the next audit retries", id.str(),
+                     dom.status().to_string());
+          return;
+        }
+        auto vm = vms_.find(id.str());
+        if (vm == vms_.end() || queues_.count(id.str()) || changed_since(id.str(), taken_at)) {
+          return;
+        }
+        converge(vm->second, dom->has_value() ? &**dom : nullptr);
+      });
+    });
+  }
+
+  // Marks `key` as changed by a job now: snapshots of libvirt taken before are stale for it.
+  void touch(const std::string& key) { epoch_[key] = ++epoch_counter_; }
+  bool changed_since(const std::string& key, uint64_t taken_at) const {
+    auto it = epoch_.find(key);
+    return it != epoch_.end() && it->second > taken_at;
+  }
+
   // ---------------------------------------------------------------- helpers: lookups
 
   Result<VmRecord*> find_vm(std::string_view ref) {
@@ -674,8 +704,8 @@ class NodeServiceImpl final : public NodeService {
         },
         [this, next](const Status& s, const std::vector<EventRecord>& events) {
           if (!s.is_ok()) {
-            log_->error("recording state '{}' of vm '{}': {}", next->state,
-                        next->spec.name.str(), s.to_string());
+            log_->error("recording state '{}' of vm '{}': {}", next->state, next->spec.name.str(),
+                        s.to_string());
             return;
           }
           auto it = vms_.find(next->id.str());
@@ -693,11 +723,12 @@ class NodeServiceImpl final : public NodeService {
                                  const std::string& method, const std::string& variant,
                                  MakeJob make_job) {
     NM_ASSIGN_OR_RETURN(auto rid, parse_request_id(request_id));
-    NM_ASSIGN_OR_RETURN(VmRecord * vm, find_vm(ref));
-    const std::string fingerprint = vm->id.str() + "\n" + variant;
+    const std::string fingerprint = std::string(ref) + "\n" + variant;
     NM_ASSIGN_OR_RETURN(auto replayed, replay(rid, method, fingerprint));
     if (replayed) return replayed->at("job_id").get<uint32_t>();
+    NM_ASSIGN_OR_RETURN(VmRecord * vm, find_vm(ref));
     if (vm->deleting) return conflict("vm '" + vm->spec.name.str() + "' is being deleted");
+    const PowerIntent prev_power = vm->power;
     VmRecord next = *vm;
     next.generation += 1;
     next.updated_us = d_.clock.now_realtime_us();
@@ -714,16 +745,28 @@ class NodeServiceImpl final : public NodeService {
         events));
     *vm = next;
     if (observer_) observer_->on_vm_changed(*vm);
+    job->intent = next.power;
+    job->prev_power = prev_power;
     enqueue(std::move(job));
     return job_id;
   }
 
-  // Sets the desired power back (a cancelled start or stop).
-  void revert_power(const VmId& id, PowerIntent power) {
-    auto it = vms_.find(id.str());
-    if (it == vms_.end()) return;
-    record_state(it->second, it->second.state, "cancelled", [&](VmRecord& v) {
-      v.power = power;
+  // After start/stop job `job_id` was cancelled: the desired power becomes what the newest
+  // remaining start/stop of the VM asked for, or what it was before the cancelled request.
+  void revert_power(const VmId& id, uint32_t job_id) {
+    auto vm = vms_.find(id.str());
+    auto cancelled = jobs_.find(job_id);
+    if (vm == vms_.end() || cancelled == jobs_.end()) return;
+    PowerIntent target = cancelled->second->prev_power;
+    if (auto q = queues_.find(id.str()); q != queues_.end()) {
+      for (uint32_t other : q->second) {
+        const Job& j = *jobs_.at(other);
+        if (other != job_id && j.intent) target = *j.intent;
+      }
+    }
+    if (vm->second.power == target) return;
+    record_state(vm->second, vm->second.state, "cancelled", [&](VmRecord& v) {
+      v.power = target;
       v.generation += 1;
     });
   }
@@ -746,6 +789,10 @@ class NodeServiceImpl final : public NodeService {
   Status ensure_defined(const DefineInput& in, bool fresh_disk, JobContext& ctx) {
     auto& hv = d_.hypervisor;
     NM_ASSIGN_OR_RETURN(auto existing, hv.get_domain(in.id));
+    if (existing && !is_ours(*existing, in.id)) {
+      return already_exists("spec.id: libvirt already has a domain '" + existing->name +
+                            "' with id '" + in.id.str() + "' that nodemanager does not manage");
+    }
     if (existing && !fresh_disk) return Status::ok();
     NM_ASSIGN_OR_RETURN(ImageInfo base, d_.images.resolve(in.image.str()));
     DomainXmlInput x;
@@ -839,8 +886,8 @@ class NodeServiceImpl final : public NodeService {
     };
     const VmId vm_id = vm.id;
     const uint64_t gen = vm.generation;
-    job->finish = [this, vm_id, gen, reason](const Status& s, bool cancelled) {
-      if (cancelled && !s.is_ok()) return revert_power(vm_id, PowerIntent::kStopped);
+    job->finish = [this, vm_id, id, gen, reason](const Status& s, bool cancelled) {
+      if (cancelled && !s.is_ok()) return revert_power(vm_id, id);
       with_vm(vm_id, [&](VmRecord& v) {
         if (s.is_ok()) {
           record_state(v, "running", reason, [&](VmRecord& n) {
@@ -851,7 +898,7 @@ class NodeServiceImpl final : public NodeService {
         }
       });
     };
-    job->revert = [this, vm_id] { revert_power(vm_id, PowerIntent::kStopped); };
+    job->revert = [this, vm_id, id] { revert_power(vm_id, id); };
     return job;
   }
 
@@ -881,8 +928,8 @@ class NodeServiceImpl final : public NodeService {
         ctx.wait_until(seen, std::min(deadline, now + std::chrono::seconds(1)));
       }
     };
-    job->finish = [this, vm_id, forced, gen = vm.generation](const Status& s, bool cancelled) {
-      if (cancelled && !s.is_ok()) return revert_power(vm_id, PowerIntent::kRunning);
+    job->finish = [this, vm_id, id, forced, gen = vm.generation](const Status& s, bool cancelled) {
+      if (cancelled && !s.is_ok()) return revert_power(vm_id, id);
       with_vm(vm_id, [&](VmRecord& v) {
         if (s.is_ok()) {
           record_state(v, "stopped", *forced ? "powered off" : "shut down", [&](VmRecord& n) {
@@ -893,7 +940,7 @@ class NodeServiceImpl final : public NodeService {
         }
       });
     };
-    job->revert = [this, vm_id] { revert_power(vm_id, PowerIntent::kRunning); };
+    job->revert = [this, vm_id, id] { revert_power(vm_id, id); };
     return job;
   }
 
@@ -909,16 +956,31 @@ class NodeServiceImpl final : public NodeService {
     return job;
   }
 
+  static bool is_ours(const DomainInfo& d, const VmId& id) {
+    return d.owner && d.owner->vm_id == id;
+  }
+
+  // Worker side of delete and orphan removal: powers off and undefines the domain if it is ours,
+  // then deletes the overlay (named after the id in our own pool). Idempotent: what is already
+  // gone counts as done, so a delete interrupted by a crash can always finish.
+  Status remove_from_hypervisor(const VmId& id, JobContext& ctx) {
+    auto& hv = d_.hypervisor;
+    auto absent_ok = [](Status s) { return s.code() == Code::kNotFound ? Status::ok() : s; };
+    NM_ASSIGN_OR_RETURN(auto dom, hv.get_domain(id));
+    if (dom && is_ours(*dom, id)) {
+      NM_RETURN_IF_ERROR(absent_ok(hv.destroy_domain(id)));
+      ctx.pause(opt_.debug_job_delay);
+      NM_RETURN_IF_ERROR(absent_ok(hv.undefine_domain(id)));
+    } else if (dom) {
+      log_->warn("domain '{}' has id {} but is not ours; leaving it alone", dom->name, id.str());
+    }
+    return absent_ok(hv.delete_overlay(id));
+  }
+
   std::unique_ptr<Job> make_delete_job(uint32_t id, const VmRecord& vm) {
     auto job = new_vm_job(id, vm, "delete");
     const VmId vm_id = vm.id;
-    job->work = [this, vm_id](JobContext& ctx) -> Status {
-      auto& hv = d_.hypervisor;
-      NM_RETURN_IF_ERROR(hv.destroy_domain(vm_id));
-      ctx.pause(opt_.debug_job_delay);
-      NM_RETURN_IF_ERROR(hv.undefine_domain(vm_id));
-      return hv.delete_overlay(vm_id);
-    };
+    job->work = [this, vm_id](JobContext& ctx) { return remove_from_hypervisor(vm_id, ctx); };
     job->finish = [this, vm_id](const Status& s, bool) {
       auto it = vms_.find(vm_id.str());
       if (it == vms_.end()) return;
@@ -966,12 +1028,7 @@ class NodeServiceImpl final : public NodeService {
     job->view = {id, "remove-orphan", uuid, JobState::kQueued, 0.0};
     job->key = uuid;
     const VmId vm_id = VmId::trusted(uuid);
-    job->work = [this, vm_id](JobContext&) -> Status {
-      auto& hv = d_.hypervisor;
-      NM_RETURN_IF_ERROR(hv.destroy_domain(vm_id));
-      NM_RETURN_IF_ERROR(hv.undefine_domain(vm_id));
-      return hv.delete_overlay(vm_id);
-    };
+    job->work = [this, vm_id](JobContext& ctx) { return remove_from_hypervisor(vm_id, ctx); };
     job->finish = [this, uuid](const Status& s, bool) {
       if (s.is_ok())
         log_->warn("removed orphaned domain/overlay {} (orphan policy 'remove')", uuid);
@@ -1005,6 +1062,7 @@ class NodeServiceImpl final : public NodeService {
     auto& q = queues_[job->key];
     q.push_back(id);
     const bool head = q.size() == 1;
+    touch(job->key);
     auto& stored = jobs_.emplace(id, std::move(job)).first->second;
     if (observer_) observer_->on_job_added(stored->view);
     if (head) run(id);
@@ -1032,6 +1090,9 @@ class NodeServiceImpl final : public NodeService {
     if (it == jobs_.end()) return;
     Job& job = *it->second;
     const bool cancelled = job.ctx->cancelled.load();
+    const bool saw_events = job.ctx->seen() > 0;
+    const std::string key = job.key;
+    touch(key);
     batch_.emplace();
     job.finish(s, cancelled);
     JobOutcome outcome;
@@ -1043,16 +1104,25 @@ class NodeServiceImpl final : public NodeService {
       outcome = {"failed", s};
       log_->warn("job {} ({} {}) failed: {}", id, job.view.kind, job.view.object_id, s.to_string());
     }
-    remove_job(id, outcome);
+    const std::optional<uint32_t> next = remove_job(id, outcome);
     std::vector<PendingWrite> writes = std::move(*batch_);
     batch_.reset();
     flush(writes);
+    // The next job of this VM starts only once this one's outcome is durable.
+    if (next) {
+      run(*next);
+    } else if (saw_events && vms_.count(key)) {
+      // Lifecycle events that arrived while the job owned the VM (a guest crashing right after
+      // its start, say) are looked at now rather than at the next audit.
+      observe(vms_.at(key).id);
+    }
   }
 
-  // Ends a job: JobRemoved event, observers, then the next job of the same key.
-  void remove_job(uint32_t id, const JobOutcome& outcome) {
+  // Ends a job: its JobRemoved event and observers. Returns the job of the same key that may
+  // run next (the caller starts it).
+  std::optional<uint32_t> remove_job(uint32_t id, const JobOutcome& outcome) {
     auto it = jobs_.find(id);
-    if (it == jobs_.end()) return;
+    if (it == jobs_.end()) return std::nullopt;
     std::shared_ptr<Job> job = std::move(it->second);
     jobs_.erase(it);
     write(
@@ -1075,20 +1145,16 @@ class NodeServiceImpl final : public NodeService {
           publish(events);
         });
     auto q = queues_.find(job->key);
-    if (q != queues_.end()) {
-      auto& dq = q->second;
-      if (!dq.empty() && dq.front() == id) {
-        dq.pop_front();
-        if (dq.empty()) {
-          queues_.erase(q);
-        } else {
-          run(dq.front());
-        }
-      } else {
-        dq.erase(std::remove(dq.begin(), dq.end(), id), dq.end());
-        if (dq.empty()) queues_.erase(q);
-      }
+    if (q == queues_.end()) return std::nullopt;
+    auto& dq = q->second;
+    const bool was_head = !dq.empty() && dq.front() == id;
+    dq.erase(std::remove(dq.begin(), dq.end(), id), dq.end());
+    if (dq.empty()) {
+      queues_.erase(q);
+      return std::nullopt;
     }
+    if (was_head) return dq.front();
+    return std::nullopt;
   }
 
   void set_progress(uint32_t id, double p) {
@@ -1104,14 +1170,16 @@ class NodeServiceImpl final : public NodeService {
 
   // ---------------------------------------------------------------- reconciler
 
-  void reconcile_all(const std::vector<DomainInfo>& domains, const std::vector<VmId>& overlays) {
+  // Converges every VM from a snapshot of libvirt taken when epoch_counter_ was `taken_at`.
+  void reconcile_all(const std::vector<DomainInfo>& domains, const std::vector<VmId>& overlays,
+                     uint64_t taken_at) {
     std::map<std::string, const DomainInfo*> by_uuid;
     for (const auto& d : domains) by_uuid[d.uuid] = &d;
     std::vector<std::string> ids;
     for (const auto& [id, vm] : vms_) ids.push_back(id);
     for (const auto& id : ids) {
       auto it = vms_.find(id);
-      if (it == vms_.end() || queues_.count(id)) continue;
+      if (it == vms_.end() || queues_.count(id) || changed_since(id, taken_at)) continue;
       auto d = by_uuid.find(id);
       converge(it->second, d == by_uuid.end() ? nullptr : d->second);
     }
@@ -1122,7 +1190,17 @@ class NodeServiceImpl final : public NodeService {
     for (const auto& o : overlays) {
       if (!vms_.count(o.str())) orphans.insert(o.str());
     }
-    for (const auto& uuid : orphans) handle_orphan(uuid);
+    for (const auto& uuid : orphans) {
+      if (!changed_since(uuid, taken_at)) handle_orphan(uuid);
+    }
+    // Epochs of VMs gone before this snapshot are no longer needed to judge later snapshots.
+    for (auto it = epoch_.begin(); it != epoch_.end();) {
+      if (!vms_.count(it->first) && !queues_.count(it->first) && it->second <= taken_at) {
+        it = epoch_.erase(it);
+      } else {
+        ++it;
+      }
+    }
   }
 
   void handle_orphan(const std::string& uuid) {
@@ -1218,6 +1296,10 @@ class NodeServiceImpl final : public NodeService {
   uint64_t last_seq_ = 0;
   bool audit_in_flight_ = false;
   std::optional<std::vector<PendingWrite>> batch_;  // open while a job completes
+  // Per VM (or orphan uuid): epoch_counter_ at the last job enqueue/completion. A libvirt snapshot
+  // taken before that is stale for the VM and must not drive the reconciler.
+  std::map<std::string, uint64_t> epoch_;
+  uint64_t epoch_counter_ = 0;
 };
 
 }  // namespace

@@ -523,5 +523,250 @@ TEST_F(NodeServiceTest, ImportRejectsAWrongDigestAndKeepsNothing) {
   EXPECT_EQ(images_->resolve("bad:1").status().code(), Code::kNotFound);
 }
 
+// Delegates to a FakeHypervisor; while closed, list_overlays() blocks, so an audit holds a
+// snapshot of list_domains() taken before whatever the test does next.
+class GatedHypervisor final : public Hypervisor {
+ public:
+  explicit GatedHypervisor(FakeHypervisor& hv) : hv_(hv) {}
+  std::string default_domain_type() const override { return hv_.default_domain_type(); }
+  Result<std::vector<DomainInfo>> list_domains() override { return hv_.list_domains(); }
+  Result<std::optional<DomainInfo>> get_domain(const VmId& id) override {
+    return hv_.get_domain(id);
+  }
+  Status define_domain(const std::string& xml) override { return hv_.define_domain(xml); }
+  Status start_domain(const VmId& id) override { return hv_.start_domain(id); }
+  Status shutdown_domain(const VmId& id) override { return hv_.shutdown_domain(id); }
+  Status destroy_domain(const VmId& id) override { return hv_.destroy_domain(id); }
+  Status reboot_domain(const VmId& id) override { return hv_.reboot_domain(id); }
+  Status undefine_domain(const VmId& id) override { return hv_.undefine_domain(id); }
+  Result<std::string> create_overlay(const VmId& id, const std::string& b, const std::string& f,
+                                     uint64_t c) override {
+    return hv_.create_overlay(id, b, f, c);
+  }
+  Result<std::optional<std::string>> find_overlay(const VmId& id) override {
+    return hv_.find_overlay(id);
+  }
+  Status delete_overlay(const VmId& id) override { return hv_.delete_overlay(id); }
+  Result<std::vector<VmId>> list_overlays() override {
+    std::unique_lock lock(mu_);
+    if (closed_) {
+      blocked_ = true;
+      cv_.notify_all();
+      cv_.wait(lock, [&] { return !closed_; });
+    }
+    ++passed_;
+    cv_.notify_all();
+    lock.unlock();
+    return hv_.list_overlays();
+  }
+  void set_event_handler(EventHandler h) override { hv_.set_event_handler(std::move(h)); }
+
+  void close() {
+    std::lock_guard lock(mu_);
+    closed_ = true;
+    blocked_ = false;
+  }
+  void wait_blocked() {
+    std::unique_lock lock(mu_);
+    cv_.wait(lock, [&] { return blocked_; });
+  }
+  void open() {
+    {
+      std::lock_guard lock(mu_);
+      closed_ = false;
+    }
+    cv_.notify_all();
+  }
+
+ private:
+  FakeHypervisor& hv_;
+  std::mutex mu_;
+  std::condition_variable cv_;
+  bool closed_ = false, blocked_ = false;
+  int passed_ = 0;
+};
+
+// R1: idempotency of DeleteVm once the delete has finished (also across a restart).
+TEST_F(NodeServiceTest, RetriedDeleteAfterItFinishedReturnsTheFirstAnswer) {
+  create("a");
+  auto first = service_->delete_vm("a", "del-a");
+  ASSERT_TRUE(first.is_ok());
+  wait_done(*first);
+  auto again = service_->delete_vm("a", "del-a");
+  ASSERT_TRUE(again.is_ok()) << again.status().to_string();
+  EXPECT_EQ(*again, *first);
+  open_service();
+  ASSERT_TRUE(settle());
+  auto after = service_->delete_vm("a", "del-a");
+  ASSERT_TRUE(after.is_ok()) << after.status().to_string();
+  EXPECT_EQ(*after, *first);
+}
+
+// R2: an audit snapshot taken before a user's start must not flip the desired power back.
+TEST_F(NodeServiceTest, StaleAuditSnapshotDoesNotUndoAStartThatFinishedMeanwhile) {
+  const VmId id = create("a", R"(,"autostart":false)");
+  GatedHypervisor gated(hv_);
+  service_->shutdown();
+  workers_.reset();
+  service_.reset();
+  workers_ = std::make_unique<WorkerPool>(4);
+  service_ =
+      make_node_service(ServiceDeps{*store_, gated, *images_, loop_, *workers_, clock_}, options_);
+  service_->set_observer(&obs_);
+  ASSERT_TRUE(service_->start().is_ok());
+  ASSERT_TRUE(settle());
+
+  gated.close();
+  service_->audit();  // lists domains ('a' shut off), then blocks in list_overlays
+  gated.wait_blocked();
+  wait_done(*service_->start_vm("a", ""));
+  gated.open();
+  loop_.run_until([] { return false; }, 300ms);  // the stale audit result is applied
+  service_->audit();
+  loop_.run_until([] { return false; }, 300ms);
+  settle();
+  const PowerIntent power = service_->get_vm("a")->power;
+  const DomainState actual = hv_.domain(id.str())->info.state;
+  service_->shutdown();
+  workers_.reset();
+  service_.reset();
+  EXPECT_EQ(power, PowerIntent::kRunning);
+  EXPECT_EQ(actual, DomainState::kRunning);
+}
+
+// R3: a client-chosen id that equals a foreign domain's UUID must not let us touch that domain.
+TEST_F(NodeServiceTest, CreateWithTheIdOfAForeignDomainLeavesThatDomainAlone) {
+  const std::string foreign = "99999999-2222-4333-8444-555555555555";
+  hv_.add_foreign_domain(foreign, "someone-elses");
+  auto r = service_->create_vm(spec("a", "contoso", R"(,"id":")" + foreign + R"(")"), "");
+  if (r.is_ok()) {
+    wait(r->job_id);
+    ASSERT_TRUE(settle());
+    auto del = service_->delete_vm("a", "");
+    if (del.is_ok()) wait(*del);
+    ASSERT_TRUE(settle());
+  }
+  auto dom = hv_.domain(foreign);
+  ASSERT_TRUE(dom.has_value()) << "foreign domain was undefined";
+  EXPECT_EQ(dom->info.name, "someone-elses");
+  EXPECT_FALSE(dom->info.owner.has_value()) << "foreign domain was redefined with our XML";
+  EXPECT_EQ(dom->info.state, DomainState::kRunning);
+}
+
+// R4: cancelling an older queued power job must not override a newer one.
+TEST_F(NodeServiceTest, CancellingAnOlderQueuedStartKeepsTheNewestDesiredPower) {
+  options_.debug_job_delay = 300ms;
+  open_service();
+  auto a = service_->create_vm(spec("a"), "");  // runs and holds the VM's queue
+  ASSERT_TRUE(a.is_ok());
+  auto s1 = service_->start_vm("a", "");
+  auto s2 = service_->stop_vm("a", false, "");
+  auto s3 = service_->start_vm("a", "");
+  ASSERT_TRUE(s1.is_ok() && s2.is_ok() && s3.is_ok());
+  ASSERT_TRUE(service_->cancel_job(*s1).is_ok());
+  EXPECT_EQ(service_->get_vm("a")->power, PowerIntent::kRunning);
+  ASSERT_TRUE(settle());
+  EXPECT_EQ(service_->get_vm("a")->power, PowerIntent::kRunning);
+  EXPECT_EQ(hv_.domain(a->vm_id.str())->info.state, DomainState::kRunning);
+}
+
+// R5: a live subscriber sees every committed event, in order, with no gaps.
+TEST_F(NodeServiceTest, ObserversSeeEverySequenceNumberOfTheRing) {
+  const VmId id = create("a");
+  wait_done(*service_->start_vm("a", ""));
+  hv_.set_state_behind_our_back(id.str(), DomainState::kShutOff, DomainEventKind::kStopped);
+  ASSERT_TRUE(
+      loop_.run_until([&] { return hv_.domain(id.str())->info.state == DomainState::kRunning; }));
+  settle();
+  wait_done(*service_->delete_vm("a", ""));
+  auto ring = service_->events_since(0, 10000);
+  ASSERT_TRUE(ring.is_ok());
+  std::vector<uint64_t> seen, stored;
+  for (const auto& e : obs_.events) seen.push_back(e.seq);
+  for (const auto& e : *ring) stored.push_back(e.seq);
+  EXPECT_EQ(seen, stored);
+}
+
+TEST_F(NodeServiceTest, DeleteFinishesWhenTheDomainIsAlreadyGone) {
+  const VmId id = create("a");
+  hv_.remove_behind_our_back(id.str());
+  hv_.fail_next("destroy_domain", not_found("no domain"));
+  wait_done(*service_->delete_vm("a", ""));
+  EXPECT_TRUE(service_->list_vms("").empty());
+  EXPECT_FALSE(hv_.overlay(id.str()).has_value());
+}
+
+TEST_F(NodeServiceTest, CrashedAutostartVmIsStartedAgain) {
+  const VmId id = create("a");
+  wait_done(*service_->start_vm("a", ""));
+  hv_.set_state_behind_our_back(id.str(), DomainState::kCrashed, DomainEventKind::kCrashed);
+  ASSERT_TRUE(
+      loop_.run_until([&] { return hv_.domain(id.str())->info.state == DomainState::kRunning; }));
+  settle();
+  EXPECT_EQ(obs_.states_of(id.str()).back(), "running");
+  const auto states = obs_.states_of(id.str());
+  EXPECT_NE(std::find(states.begin(), states.end(), "crashed"), states.end());
+}
+
+TEST_F(NodeServiceTest, VanishedDomainWithoutAutostartIsRedefinedStopped) {
+  const VmId id = create("a", R"(,"autostart":false)");
+  wait_done(*service_->start_vm("a", ""));
+  hv_.remove_behind_our_back(id.str());
+  service_->audit();
+  ASSERT_TRUE(loop_.run_until([&] { return hv_.domain(id.str()).has_value(); }));
+  settle();
+  EXPECT_EQ(hv_.domain(id.str())->info.state, DomainState::kShutOff);
+  EXPECT_EQ(service_->get_vm("a")->power, PowerIntent::kStopped);
+  EXPECT_EQ(state(id), "stopped");
+}
+
+TEST_F(NodeServiceTest, DomainWithOurIdButNoMetadataIsNeverTouched) {
+  const VmId id = create("a");
+  wait_done(*service_->start_vm("a", ""));
+  hv_.remove_behind_our_back(id.str());
+  hv_.add_foreign_domain(id.str(), "impostor");
+  hv_.set_state_behind_our_back(id.str(), DomainState::kShutOff, DomainEventKind::kStopped);
+  service_->audit();
+  loop_.run_until([] { return false; }, 300ms);
+  settle();
+  EXPECT_EQ(hv_.domain(id.str())->info.name, "impostor");
+  EXPECT_FALSE(hv_.domain(id.str())->info.owner.has_value());
+  EXPECT_EQ(hv_.domain(id.str())->info.state, DomainState::kShutOff);
+}
+
+TEST_F(NodeServiceTest, OrphanOverlayIsReportedThenRemovedByPolicy) {
+  const VmId ghost = VmId::trusted("22222222-2222-4333-8444-555555555555");
+  ASSERT_TRUE(hv_.create_overlay(ghost, "/base", "raw", 1).is_ok());
+  service_->audit();
+  ASSERT_TRUE(loop_.run_until([&] {
+    return std::any_of(obs_.events.begin(), obs_.events.end(), [&](const EventRecord& e) {
+      return e.kind == "OrphanFound" && e.object_id == ghost.str();
+    });
+  }));
+  EXPECT_TRUE(hv_.overlay(ghost.str()).has_value());
+  options_.orphan_policy = OrphanPolicy::kRemove;
+  open_service();
+  ASSERT_TRUE(loop_.run_until([&] { return !hv_.overlay(ghost.str()).has_value(); }));
+}
+
+TEST_F(NodeServiceTest, FailedDeleteIsRetriedByTheAudit) {
+  const VmId id = create("a");
+  hv_.fail_next("delete_overlay", unavailable("disk on fire"));
+  EXPECT_EQ(wait(*service_->delete_vm("a", "")).result, "failed");
+  EXPECT_EQ(state(id), "error");
+  EXPECT_TRUE(service_->get_vm("a")->deleting);
+  service_->audit();
+  ASSERT_TRUE(loop_.run_until([&] { return service_->list_vms("").empty(); }));
+  EXPECT_FALSE(hv_.overlay(id.str()).has_value());
+}
+
+TEST_F(NodeServiceTest, ReusingARequestIdForAnotherMethodIsAConflict) {
+  create("a");
+  ASSERT_TRUE(service_->start_vm("a", "req-x").is_ok());
+  EXPECT_EQ(service_->stop_vm("a", false, "req-x").status().code(), Code::kConflict);
+  EXPECT_EQ(service_->delete_vm("a", "req-x").status().code(), Code::kConflict);
+  settle();
+}
+
 }  // namespace
 }  // namespace nm
