@@ -1,0 +1,764 @@
+#include "dbus_server.h"
+
+#include <fcntl.h>
+#include <systemd/sd-bus.h>
+
+#include <cerrno>
+#include <charconv>
+#include <cstdlib>
+#include <cstring>
+#include <exception>
+#include <new>
+#include <nlohmann/json.hpp>
+#include <optional>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "event_loop_internal.h"
+#include "nm/core/fs.h"
+#include "nm/core/log.h"
+
+#ifndef NM_VERSION
+#define NM_VERSION "0.0.0"
+#endif
+
+namespace nm {
+namespace {
+
+struct BusDeleter {
+  void operator()(sd_bus* b) const { sd_bus_flush_close_unref(b); }
+};
+struct SlotDeleter {
+  void operator()(sd_bus_slot* s) const { sd_bus_slot_unref(s); }
+};
+struct MessageDeleter {
+  void operator()(sd_bus_message* m) const { sd_bus_message_unref(m); }
+};
+struct FreeDeleter {
+  void operator()(void* p) const { std::free(p); }
+};
+struct StrvDeleter {
+  void operator()(char** v) const {
+    if (v == nullptr) return;
+    for (char** p = v; *p != nullptr; ++p) std::free(*p);
+    std::free(v);
+  }
+};
+using BusPtr = std::unique_ptr<sd_bus, BusDeleter>;
+using SlotPtr = std::unique_ptr<sd_bus_slot, SlotDeleter>;
+using MessagePtr = std::unique_ptr<sd_bus_message, MessageDeleter>;
+using CString = std::unique_ptr<char, FreeDeleter>;
+using Strv = std::unique_ptr<char*, StrvDeleter>;
+
+// The one translation of sd-bus's negative errno returns.
+Status bus_status(int r, std::string_view what) {
+  if (r == -EEXIST)
+    return already_exists(std::string(what) + ": the name is owned by another peer");
+  return errno_status(-r, "sd-bus: " + std::string(what));
+}
+
+// A NULL-terminated malloc'd string array, as node enumerators return.
+int to_strv(const std::vector<std::string>& items, char*** out) {
+  Strv v(static_cast<char**>(std::calloc(items.size() + 1, sizeof(char*))));
+  if (!v) return -ENOMEM;
+  for (size_t i = 0; i < items.size(); ++i) {
+    v.get()[i] = strdup(items[i].c_str());
+    if (v.get()[i] == nullptr) return -ENOMEM;
+  }
+  *out = v.release();
+  return 0;
+}
+
+// The external id of `path` below `prefix`, or nullopt when `path` is not directly below it.
+std::optional<std::string> decode_path(const char* path, std::string_view prefix) {
+  char* raw = nullptr;
+  const int r = sd_bus_path_decode(path, prefix.data(), &raw);
+  CString id(raw);
+  if (r <= 0 || !id || *id == '\0') return std::nullopt;
+  return std::string(id.get());
+}
+
+std::optional<uint32_t> decode_job_path(const char* path) {
+  const std::string_view p(path);
+  const std::string prefix = std::string(kJobPathPrefix) + "/";
+  if (p.substr(0, prefix.size()) != prefix) return std::nullopt;
+  const std::string_view digits = p.substr(prefix.size());
+  uint32_t id = 0;
+  const auto [end, ec] = std::from_chars(digits.data(), digits.data() + digits.size(), id);
+  if (ec != std::errc() || end != digits.data() + digits.size()) return std::nullopt;
+  if (std::to_string(id) != digits) return std::nullopt;  // one path per job: no leading zeros
+  return id;
+}
+
+const char* member_of(sd_bus_message* m) {
+  const char* member = sd_bus_message_get_member(m);
+  return member != nullptr ? member : "?";
+}
+
+}  // namespace
+
+std::string vm_object_path(std::string_view vm_id) {
+  char* raw = nullptr;
+  const int r = sd_bus_path_encode(kVmPathPrefix.data(), std::string(vm_id).c_str(), &raw);
+  CString path(raw);
+  if (r < 0 || !path) throw std::bad_alloc();
+  return path.get();
+}
+
+std::string job_object_path(uint32_t job_id) {
+  return std::string(kJobPathPrefix) + "/" + std::to_string(job_id);
+}
+
+std::string dbus_error_name(Code code) {
+  return std::string(kErrorPrefix) + std::string(code_name(code));
+}
+
+struct DbusServer::Impl {
+  explicit Impl(NodeService& s) : service(s) {}
+
+  NodeService& service;
+  std::shared_ptr<spdlog::logger> log = nm::logger("dbus");
+  BusPtr bus;                  // declared before the slots: released after them
+  std::vector<SlotPtr> slots;  // vtables, object manager, enumerators
+
+  // ---- helpers ----
+
+  int reply_error(sd_bus_message* m, const Status& s) {
+    log->debug("{} failed: {}", member_of(m), s.to_string());
+    return sd_bus_reply_method_errorf(m, dbus_error_name(s.code()).c_str(), "%s",
+                                      s.message().c_str());
+  }
+
+  int reply_job(sd_bus_message* m, const Result<uint32_t>& job) {
+    if (!job) return reply_error(m, job.status());
+    return sd_bus_reply_method_return(m, "o", job_object_path(*job).c_str());
+  }
+
+  // Runs a method body; an exception becomes an Internal error reply and one log line.
+  template <typename F>
+  static int guard_method(void* userdata, sd_bus_message* m, F&& body) noexcept {
+    auto* self = static_cast<Impl*>(userdata);
+    try {
+      return body(*self);
+    } catch (const std::exception& e) {
+      self->log->error("{} threw: {}", member_of(m), e.what());
+    } catch (...) {
+      self->log->error("{} threw a non-standard exception", member_of(m));
+    }
+    return sd_bus_reply_method_errorf(m, dbus_error_name(Code::kInternal).c_str(), "%s",
+                                      "internal error, see the node's log");
+  }
+
+  // Runs a property getter body; an exception becomes an Internal error.
+  template <typename F>
+  static int guard_property(void* userdata, const char* property, sd_bus_error* error,
+                            F&& body) noexcept {
+    auto* self = static_cast<Impl*>(userdata);
+    try {
+      return body(*self);
+    } catch (const std::exception& e) {
+      self->log->error("reading property {} threw: {}", property, e.what());
+    } catch (...) {
+      self->log->error("reading property {} threw a non-standard exception", property);
+    }
+    return sd_bus_error_set(error, dbus_error_name(Code::kInternal).c_str(),
+                            "internal error, see the node's log");
+  }
+
+  static int set_error(sd_bus_error* error, const Status& s) {
+    return sd_bus_error_set(error, dbus_error_name(s.code()).c_str(), s.message().c_str());
+  }
+
+  void warn_if_failed(int r, std::string_view what, std::string_view path) {
+    if (r < 0) log->warn("emitting {} for '{}' failed: {}", what, path, std::strerror(-r));
+  }
+
+  // Observer calls come from the service: a failure to signal is logged, never thrown back.
+  template <typename F>
+  void guard_observer(const char* what, F&& body) noexcept {
+    try {
+      body();
+    } catch (const std::exception& e) {
+      log->error("{} threw: {}", what, e.what());
+    } catch (...) {
+      log->error("{} threw a non-standard exception", what);
+    }
+  }
+
+  // InterfacesRemoved for an object the service no longer knows. The interfaces are listed
+  // explicitly (the fallback vtables cannot answer for a gone object), the same set that
+  // sd_bus_emit_object_added() announced.
+  int emit_removed(const std::string& path, std::string_view iface) {
+    return sd_bus_emit_interfaces_removed(
+        bus.get(), path.c_str(), "org.freedesktop.DBus.Peer", "org.freedesktop.DBus.Introspectable",
+        "org.freedesktop.DBus.Properties", iface.data(), static_cast<char*>(nullptr));
+  }
+
+  // ---- Manager methods ----
+
+  static int create_vm(sd_bus_message* m, void* ud, sd_bus_error*) noexcept {
+    return guard_method(ud, m, [m](Impl& self) {
+      const char* spec = nullptr;
+      const char* request_id = nullptr;
+      const int r = sd_bus_message_read(m, "ss", &spec, &request_id);
+      if (r < 0) return r;
+      auto reply = self.service.create_vm(spec, request_id);
+      if (!reply) return self.reply_error(m, reply.status());
+      const std::string& id = reply->vm_id.str();
+      return sd_bus_reply_method_return(m, "soo", id.c_str(), vm_object_path(id).c_str(),
+                                        job_object_path(reply->job_id).c_str());
+    });
+  }
+
+  static int start_vm(sd_bus_message* m, void* ud, sd_bus_error*) noexcept {
+    return guard_method(ud, m, [m](Impl& self) {
+      const char* vm = nullptr;
+      const char* request_id = nullptr;
+      const int r = sd_bus_message_read(m, "ss", &vm, &request_id);
+      if (r < 0) return r;
+      return self.reply_job(m, self.service.start_vm(vm, request_id));
+    });
+  }
+
+  static int stop_vm(sd_bus_message* m, void* ud, sd_bus_error*) noexcept {
+    return guard_method(ud, m, [m](Impl& self) {
+      const char* vm = nullptr;
+      int force = 0;  // sd-bus reads 'b' into an int
+      const char* request_id = nullptr;
+      const int r = sd_bus_message_read(m, "sbs", &vm, &force, &request_id);
+      if (r < 0) return r;
+      return self.reply_job(m, self.service.stop_vm(vm, force != 0, request_id));
+    });
+  }
+
+  static int reboot_vm(sd_bus_message* m, void* ud, sd_bus_error*) noexcept {
+    return guard_method(ud, m, [m](Impl& self) {
+      const char* vm = nullptr;
+      const char* request_id = nullptr;
+      const int r = sd_bus_message_read(m, "ss", &vm, &request_id);
+      if (r < 0) return r;
+      return self.reply_job(m, self.service.reboot_vm(vm, request_id));
+    });
+  }
+
+  static int delete_vm(sd_bus_message* m, void* ud, sd_bus_error*) noexcept {
+    return guard_method(ud, m, [m](Impl& self) {
+      const char* vm = nullptr;
+      const char* request_id = nullptr;
+      const int r = sd_bus_message_read(m, "ss", &vm, &request_id);
+      if (r < 0) return r;
+      return self.reply_job(m, self.service.delete_vm(vm, request_id));
+    });
+  }
+
+  static int get_vm(sd_bus_message* m, void* ud, sd_bus_error*) noexcept {
+    return guard_method(ud, m, [m](Impl& self) {
+      const char* vm = nullptr;
+      const int r = sd_bus_message_read(m, "s", &vm);
+      if (r < 0) return r;
+      auto record = self.service.get_vm(vm);
+      if (!record) return self.reply_error(m, record.status());
+      return sd_bus_reply_method_return(m, "s", vm_record_to_json(*record).c_str());
+    });
+  }
+
+  static int list_vms(sd_bus_message* m, void* ud, sd_bus_error*) noexcept {
+    return guard_method(ud, m, [m](Impl& self) {
+      const char* tenant = nullptr;
+      int r = sd_bus_message_read(m, "s", &tenant);
+      if (r < 0) return r;
+      const auto vms = self.service.list_vms(tenant);
+      sd_bus_message* raw = nullptr;
+      r = sd_bus_message_new_method_return(m, &raw);
+      MessagePtr reply(raw);
+      if (r < 0) return r;
+      r = sd_bus_message_open_container(reply.get(), 'a', "(sssstt)");
+      for (size_t i = 0; r >= 0 && i < vms.size(); ++i) {
+        const VmRecord& vm = vms[i];
+        r = sd_bus_message_append(reply.get(), "(sssstt)", vm.id.str().c_str(),
+                                  vm.spec.name.str().c_str(), vm.spec.tenant.str().c_str(),
+                                  vm.state.c_str(), vm.generation, vm.observed_generation);
+      }
+      if (r >= 0) r = sd_bus_message_close_container(reply.get());
+      if (r >= 0) r = sd_bus_send(nullptr, reply.get(), nullptr);
+      return r;
+    });
+  }
+
+  static int import_image(sd_bus_message* m, void* ud, sd_bus_error*) noexcept {
+    return guard_method(ud, m, [m](Impl& self) {
+      const char* image = nullptr;
+      int borrowed_fd = -1;
+      const char* sha256 = nullptr;
+      const char* kind = nullptr;
+      const char* tenant = nullptr;
+      const char* request_id = nullptr;
+      const int r = sd_bus_message_read(m, "shssss", &image, &borrowed_fd, &sha256, &kind, &tenant,
+                                        &request_id);
+      if (r < 0) return r;
+      // The message owns `borrowed_fd` and closes it when it is freed; the service keeps a copy.
+      UniqueFd data(::fcntl(borrowed_fd, F_DUPFD_CLOEXEC, 3));
+      if (!data.valid()) return self.reply_error(m, errno_status(errno, "duplicate the data fd"));
+      return self.reply_job(
+          m, self.service.import_image(image, std::move(data), sha256, kind, tenant, request_id));
+    });
+  }
+
+  static int list_images(sd_bus_message* m, void* ud, sd_bus_error*) noexcept {
+    return guard_method(ud, m, [m](Impl& self) {
+      const auto images = self.service.list_images();
+      sd_bus_message* raw = nullptr;
+      int r = sd_bus_message_new_method_return(m, &raw);
+      MessagePtr reply(raw);
+      if (r < 0) return r;
+      r = sd_bus_message_open_container(reply.get(), 'a', "(sssstts)");
+      for (size_t i = 0; r >= 0 && i < images.size(); ++i) {
+        const ImageInfo& img = images[i];
+        const std::string ref = img.ref ? img.ref->str() : std::string();
+        const std::string tenant = img.tenant ? img.tenant->str() : std::string();
+        r = sd_bus_message_append(reply.get(), "(sssstts)", ref.c_str(), img.digest.str().c_str(),
+                                  std::string(image_kind_name(img.kind)).c_str(),
+                                  std::string(image_format_name(img.format)).c_str(), img.size,
+                                  img.virtual_size, tenant.c_str());
+      }
+      if (r >= 0) r = sd_bus_message_close_container(reply.get());
+      if (r >= 0) r = sd_bus_send(nullptr, reply.get(), nullptr);
+      return r;
+    });
+  }
+
+  static int remove_image(sd_bus_message* m, void* ud, sd_bus_error*) noexcept {
+    return guard_method(ud, m, [m](Impl& self) {
+      const char* image = nullptr;
+      const char* request_id = nullptr;
+      const int r = sd_bus_message_read(m, "ss", &image, &request_id);
+      if (r < 0) return r;
+      const Status s = self.service.remove_image(image, request_id);
+      if (!s) return self.reply_error(m, s);
+      return sd_bus_reply_method_return(m, "");
+    });
+  }
+
+  static int get_events(sd_bus_message* m, void* ud, sd_bus_error*) noexcept {
+    return guard_method(ud, m, [m](Impl& self) {
+      uint64_t since = 0;
+      uint32_t max = 0;
+      int r = sd_bus_message_read(m, "tu", &since, &max);
+      if (r < 0) return r;
+      if (max == 0) max = kDefaultEvents;
+      if (max > kMaxEvents) max = kMaxEvents;
+      auto events = self.service.events_since(since, max);
+      if (!events) return self.reply_error(m, events.status());
+      sd_bus_message* raw = nullptr;
+      r = sd_bus_message_new_method_return(m, &raw);
+      MessagePtr reply(raw);
+      if (r < 0) return r;
+      r = sd_bus_message_open_container(reply.get(), 'a', "(ttsss)");
+      for (size_t i = 0; r >= 0 && i < events->size(); ++i) {
+        const EventRecord& e = (*events)[i];
+        r = sd_bus_message_append(reply.get(), "(ttsss)", e.seq, e.ts_us, e.kind.c_str(),
+                                  e.object_id.c_str(), e.payload_json.c_str());
+      }
+      if (r >= 0) r = sd_bus_message_close_container(reply.get());
+      if (r >= 0) r = sd_bus_message_append(reply.get(), "t", self.service.last_event_seq());
+      if (r >= 0) r = sd_bus_send(nullptr, reply.get(), nullptr);
+      return r;
+    });
+  }
+
+  static constexpr uint32_t kDefaultEvents = 1000;
+  static constexpr uint32_t kMaxEvents = 10000;
+
+  // ---- Manager properties ----
+
+  static int manager_property(sd_bus*, const char*, const char*, const char* property,
+                              sd_bus_message* reply, void* ud, sd_bus_error* error) noexcept {
+    return guard_property(ud, property, error, [&](Impl& self) {
+      const std::string_view p(property);
+      if (p == "Version") return sd_bus_message_append(reply, "s", NM_VERSION);
+      if (p == "LastEventSeq") {
+        return sd_bus_message_append(reply, "t", self.service.last_event_seq());
+      }
+      return -ENOENT;
+    });
+  }
+
+  // ---- Vm objects ----
+
+  // The VM whose id is encoded in `path`; a name encoded in a path does not resolve (one path
+  // per VM).
+  Result<VmRecord> vm_at(const char* path) const {
+    const auto id = decode_path(path, kVmPathPrefix);
+    if (!id) return not_found("no VM at '" + std::string(path) + "'");
+    auto vm = service.get_vm(*id);
+    if (vm && vm->id.str() != *id) return not_found("no VM with id '" + *id + "'");
+    return vm;
+  }
+
+  static int find_vm(sd_bus*, const char* path, const char*, void* ud, void** found,
+                     sd_bus_error*) noexcept {
+    auto* self = static_cast<Impl*>(ud);
+    try {
+      if (!self->vm_at(path)) return 0;
+      *found = ud;
+      return 1;
+    } catch (const std::exception& e) {
+      self->log->error("looking up the VM at '{}' threw: {}", path, e.what());
+    } catch (...) {
+      self->log->error("looking up the VM at '{}' threw a non-standard exception", path);
+    }
+    return 0;
+  }
+
+  static int enumerate_vms(sd_bus*, const char*, void* ud, char*** nodes, sd_bus_error*) noexcept {
+    auto* self = static_cast<Impl*>(ud);
+    try {
+      std::vector<std::string> paths;
+      for (const VmRecord& vm : self->service.list_vms("")) {
+        paths.push_back(vm_object_path(vm.id.str()));
+      }
+      return to_strv(paths, nodes);
+    } catch (const std::exception& e) {
+      self->log->error("listing VM objects threw: {}", e.what());
+    } catch (...) {
+      self->log->error("listing VM objects threw a non-standard exception");
+    }
+    return -ENOMEM;
+  }
+
+  static int vm_property(sd_bus*, const char* path, const char*, const char* property,
+                         sd_bus_message* reply, void* ud, sd_bus_error* error) noexcept {
+    return guard_property(ud, property, error, [&](Impl& self) {
+      const auto vm = self.vm_at(path);
+      if (!vm) return set_error(error, vm.status());
+      const std::string_view p(property);
+      if (p == "Id") return sd_bus_message_append(reply, "s", vm->id.str().c_str());
+      if (p == "Name") return sd_bus_message_append(reply, "s", vm->spec.name.str().c_str());
+      if (p == "Tenant") return sd_bus_message_append(reply, "s", vm->spec.tenant.str().c_str());
+      if (p == "State") return sd_bus_message_append(reply, "s", vm->state.c_str());
+      if (p == "StateReason") return sd_bus_message_append(reply, "s", vm->state_reason.c_str());
+      if (p == "DesiredPower") {
+        return sd_bus_message_append(reply, "s", std::string(power_intent_name(vm->power)).c_str());
+      }
+      if (p == "Spec") return sd_bus_message_append(reply, "s", vm_spec_to_json(vm->spec).c_str());
+      if (p == "Generation") return sd_bus_message_append(reply, "t", vm->generation);
+      if (p == "ObservedGeneration") {
+        return sd_bus_message_append(reply, "t", vm->observed_generation);
+      }
+      return -ENOENT;
+    });
+  }
+
+  // ---- Job objects ----
+
+  std::optional<JobView> job_at(const char* path) const {
+    const auto id = decode_job_path(path);
+    if (!id) return std::nullopt;
+    return service.get_job(*id);
+  }
+
+  static int find_job(sd_bus*, const char* path, const char*, void* ud, void** found,
+                      sd_bus_error*) noexcept {
+    auto* self = static_cast<Impl*>(ud);
+    try {
+      if (!self->job_at(path)) return 0;
+      *found = ud;
+      return 1;
+    } catch (const std::exception& e) {
+      self->log->error("looking up the job at '{}' threw: {}", path, e.what());
+    } catch (...) {
+      self->log->error("looking up the job at '{}' threw a non-standard exception", path);
+    }
+    return 0;
+  }
+
+  static int enumerate_jobs(sd_bus*, const char*, void* ud, char*** nodes, sd_bus_error*) noexcept {
+    auto* self = static_cast<Impl*>(ud);
+    try {
+      std::vector<std::string> paths;
+      for (const JobView& job : self->service.list_jobs()) paths.push_back(job_object_path(job.id));
+      return to_strv(paths, nodes);
+    } catch (const std::exception& e) {
+      self->log->error("listing job objects threw: {}", e.what());
+    } catch (...) {
+      self->log->error("listing job objects threw a non-standard exception");
+    }
+    return -ENOMEM;
+  }
+
+  static int job_property(sd_bus*, const char* path, const char*, const char* property,
+                          sd_bus_message* reply, void* ud, sd_bus_error* error) noexcept {
+    return guard_property(ud, property, error, [&](Impl& self) {
+      const auto job = self.job_at(path);
+      if (!job) return set_error(error, not_found("no job at '" + std::string(path) + "'"));
+      const std::string_view p(property);
+      if (p == "Id") return sd_bus_message_append(reply, "u", job->id);
+      if (p == "Kind") return sd_bus_message_append(reply, "s", job->kind.c_str());
+      if (p == "ObjectId") return sd_bus_message_append(reply, "s", job->object_id.c_str());
+      if (p == "State") {
+        return sd_bus_message_append(reply, "s", std::string(job_state_name(job->state)).c_str());
+      }
+      if (p == "Progress") return sd_bus_message_append(reply, "d", job->progress);
+      return -ENOENT;
+    });
+  }
+
+  static int cancel_job(sd_bus_message* m, void* ud, sd_bus_error*) noexcept {
+    return guard_method(ud, m, [m](Impl& self) {
+      const auto id = decode_job_path(sd_bus_message_get_path(m));
+      if (!id) return self.reply_error(m, not_found("no such job"));
+      const Status s = self.service.cancel_job(*id);
+      if (!s) return self.reply_error(m, s);
+      return sd_bus_reply_method_return(m, "");
+    });
+  }
+
+  // ---- registration ----
+
+  // Takes ownership of `slot`, which the sd_bus_add_*() call that returned `r` has just set.
+  Status add_slot(int r, sd_bus_slot* slot, std::string_view what) {
+    if (r < 0) return bus_status(r, what);
+    slots.emplace_back(slot);
+    return Status::ok();
+  }
+
+  Status register_objects();
+};
+
+namespace {
+
+constexpr uint64_t kConst = SD_BUS_VTABLE_PROPERTY_CONST;
+constexpr uint64_t kEmits = SD_BUS_VTABLE_PROPERTY_EMITS_CHANGE;
+}  // namespace
+
+Status DbusServer::Impl::register_objects() {
+  static const sd_bus_vtable kManagerVtable[] = {
+      SD_BUS_VTABLE_START(0),
+      SD_BUS_METHOD_WITH_NAMES("CreateVm", "ss", SD_BUS_PARAM(spec_json) SD_BUS_PARAM(request_id),
+                               "soo", SD_BUS_PARAM(vm_id) SD_BUS_PARAM(vm) SD_BUS_PARAM(job),
+                               &Impl::create_vm, SD_BUS_VTABLE_UNPRIVILEGED),
+      SD_BUS_METHOD_WITH_NAMES("StartVm", "ss", SD_BUS_PARAM(vm) SD_BUS_PARAM(request_id), "o",
+                               SD_BUS_PARAM(job), &Impl::start_vm, SD_BUS_VTABLE_UNPRIVILEGED),
+      SD_BUS_METHOD_WITH_NAMES("StopVm", "sbs",
+                               SD_BUS_PARAM(vm) SD_BUS_PARAM(force) SD_BUS_PARAM(request_id), "o",
+                               SD_BUS_PARAM(job), &Impl::stop_vm, SD_BUS_VTABLE_UNPRIVILEGED),
+      SD_BUS_METHOD_WITH_NAMES("RebootVm", "ss", SD_BUS_PARAM(vm) SD_BUS_PARAM(request_id), "o",
+                               SD_BUS_PARAM(job), &Impl::reboot_vm, SD_BUS_VTABLE_UNPRIVILEGED),
+      SD_BUS_METHOD_WITH_NAMES("DeleteVm", "ss", SD_BUS_PARAM(vm) SD_BUS_PARAM(request_id), "o",
+                               SD_BUS_PARAM(job), &Impl::delete_vm, SD_BUS_VTABLE_UNPRIVILEGED),
+      SD_BUS_METHOD_WITH_NAMES("GetVm", "s", SD_BUS_PARAM(vm), "s", SD_BUS_PARAM(vm_json),
+                               &Impl::get_vm, SD_BUS_VTABLE_UNPRIVILEGED),
+      SD_BUS_METHOD_WITH_NAMES("ListVms", "s", SD_BUS_PARAM(tenant), "a(sssstt)", SD_BUS_PARAM(vms),
+                               &Impl::list_vms, SD_BUS_VTABLE_UNPRIVILEGED),
+      SD_BUS_METHOD_WITH_NAMES("ImportImage", "shssss",
+                               SD_BUS_PARAM(image) SD_BUS_PARAM(data) SD_BUS_PARAM(sha256)
+                                   SD_BUS_PARAM(kind) SD_BUS_PARAM(tenant) SD_BUS_PARAM(request_id),
+                               "o", SD_BUS_PARAM(job), &Impl::import_image,
+                               SD_BUS_VTABLE_UNPRIVILEGED),
+      SD_BUS_METHOD_WITH_NAMES("ListImages", "", "", "a(sssstts)", SD_BUS_PARAM(images),
+                               &Impl::list_images, SD_BUS_VTABLE_UNPRIVILEGED),
+      SD_BUS_METHOD_WITH_NAMES("RemoveImage", "ss", SD_BUS_PARAM(image) SD_BUS_PARAM(request_id),
+                               "", "", &Impl::remove_image, SD_BUS_VTABLE_UNPRIVILEGED),
+      SD_BUS_METHOD_WITH_NAMES("GetEvents", "tu", SD_BUS_PARAM(since) SD_BUS_PARAM(max),
+                               "a(ttsss)t", SD_BUS_PARAM(events) SD_BUS_PARAM(last_seq),
+                               &Impl::get_events, SD_BUS_VTABLE_UNPRIVILEGED),
+      SD_BUS_SIGNAL_WITH_NAMES("VmStateChanged", "tssss",
+                               SD_BUS_PARAM(seq) SD_BUS_PARAM(vm_id) SD_BUS_PARAM(name)
+                                   SD_BUS_PARAM(state) SD_BUS_PARAM(reason),
+                               0),
+      SD_BUS_SIGNAL_WITH_NAMES(
+          "JobNew", "uoss",
+          SD_BUS_PARAM(job_id) SD_BUS_PARAM(job) SD_BUS_PARAM(kind) SD_BUS_PARAM(object_id), 0),
+      SD_BUS_SIGNAL_WITH_NAMES("JobRemoved", "tuosssss",
+                               SD_BUS_PARAM(seq) SD_BUS_PARAM(job_id) SD_BUS_PARAM(job)
+                                   SD_BUS_PARAM(kind) SD_BUS_PARAM(object_id) SD_BUS_PARAM(result)
+                                       SD_BUS_PARAM(error_name) SD_BUS_PARAM(error_message),
+                               0),
+      SD_BUS_PROPERTY("Version", "s", &Impl::manager_property, 0, kConst),
+      // Changes with every event; clients follow the seq carried by the signals instead.
+      SD_BUS_PROPERTY("LastEventSeq", "t", &Impl::manager_property, 0, 0),
+      SD_BUS_VTABLE_END,
+  };
+  static const sd_bus_vtable kVmVtable[] = {
+      SD_BUS_VTABLE_START(0),
+      SD_BUS_PROPERTY("Id", "s", &Impl::vm_property, 0, kConst),
+      SD_BUS_PROPERTY("Name", "s", &Impl::vm_property, 0, kConst),
+      SD_BUS_PROPERTY("Tenant", "s", &Impl::vm_property, 0, kConst),
+      SD_BUS_PROPERTY("State", "s", &Impl::vm_property, 0, kEmits),
+      SD_BUS_PROPERTY("StateReason", "s", &Impl::vm_property, 0, kEmits),
+      SD_BUS_PROPERTY("DesiredPower", "s", &Impl::vm_property, 0, kEmits),
+      SD_BUS_PROPERTY("Spec", "s", &Impl::vm_property, 0, kEmits),
+      SD_BUS_PROPERTY("Generation", "t", &Impl::vm_property, 0, kEmits),
+      SD_BUS_PROPERTY("ObservedGeneration", "t", &Impl::vm_property, 0, kEmits),
+      SD_BUS_VTABLE_END,
+  };
+  static const sd_bus_vtable kJobVtable[] = {
+      SD_BUS_VTABLE_START(0),
+      SD_BUS_METHOD("Cancel", "", "", &Impl::cancel_job, SD_BUS_VTABLE_UNPRIVILEGED),
+      SD_BUS_PROPERTY("Id", "u", &Impl::job_property, 0, kConst),
+      SD_BUS_PROPERTY("Kind", "s", &Impl::job_property, 0, kConst),
+      SD_BUS_PROPERTY("ObjectId", "s", &Impl::job_property, 0, kConst),
+      SD_BUS_PROPERTY("State", "s", &Impl::job_property, 0, kEmits),
+      SD_BUS_PROPERTY("Progress", "d", &Impl::job_property, 0, kEmits),
+      SD_BUS_VTABLE_END,
+  };
+
+  sd_bus* b = bus.get();
+  sd_bus_slot* slot = nullptr;
+  int r = sd_bus_add_object_vtable(b, &slot, kManagerPath.data(), kManagerInterface.data(),
+                                   kManagerVtable, this);
+  NM_RETURN_IF_ERROR(add_slot(r, slot, "register the Manager object"));
+  r = sd_bus_add_object_manager(b, &slot, kManagerPath.data());
+  NM_RETURN_IF_ERROR(add_slot(r, slot, "register the object manager"));
+  r = sd_bus_add_fallback_vtable(b, &slot, kVmPathPrefix.data(), kVmInterface.data(), kVmVtable,
+                                 &Impl::find_vm, this);
+  NM_RETURN_IF_ERROR(add_slot(r, slot, "register the Vm objects"));
+  r = sd_bus_add_node_enumerator(b, &slot, kVmPathPrefix.data(), &Impl::enumerate_vms, this);
+  NM_RETURN_IF_ERROR(add_slot(r, slot, "register the Vm enumerator"));
+  r = sd_bus_add_fallback_vtable(b, &slot, kJobPathPrefix.data(), kJobInterface.data(), kJobVtable,
+                                 &Impl::find_job, this);
+  NM_RETURN_IF_ERROR(add_slot(r, slot, "register the Job objects"));
+  r = sd_bus_add_node_enumerator(b, &slot, kJobPathPrefix.data(), &Impl::enumerate_jobs, this);
+  NM_RETURN_IF_ERROR(add_slot(r, slot, "register the Job enumerator"));
+  return Status::ok();
+}
+
+DbusServer::DbusServer(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+
+DbusServer::~DbusServer() {
+  impl_->service.set_observer(nullptr);
+  impl_->slots.clear();
+  impl_->bus.reset();
+}
+
+Result<std::unique_ptr<DbusServer>> DbusServer::create(SdEventLoop& loop, const std::string& bus,
+                                                       NodeService& service) {
+  auto impl = std::make_unique<Impl>(service);
+  sd_bus* raw = nullptr;
+  if (bus == "system" || bus == "session") {
+    const int r = bus == "system" ? sd_bus_open_system(&raw) : sd_bus_open_user(&raw);
+    impl->bus.reset(raw);
+    if (r < 0) return bus_status(r, "connect to the " + bus + " bus");
+  } else {
+    int r = sd_bus_new(&raw);
+    impl->bus.reset(raw);
+    if (r < 0) return bus_status(r, "create a bus connection");
+    r = sd_bus_set_address(raw, bus.c_str());
+    if (r < 0) return invalid_argument("bus address '" + bus + "' is not a D-Bus address");
+    r = sd_bus_set_bus_client(raw, 1);
+    if (r >= 0) r = sd_bus_negotiate_fds(raw, 1);
+    if (r >= 0) r = sd_bus_start(raw);
+    if (r < 0) return bus_status(r, "connect to '" + bus + "'");
+  }
+  int r = sd_bus_attach_event(impl->bus.get(), SdEventLoopAccess::event(loop),
+                              SD_EVENT_PRIORITY_NORMAL);
+  if (r < 0) return bus_status(r, "attach the bus to the event loop");
+  r = sd_bus_set_exit_on_disconnect(impl->bus.get(), 1);
+  if (r < 0) return bus_status(r, "set exit-on-disconnect");
+  NM_RETURN_IF_ERROR(impl->register_objects());
+  std::unique_ptr<DbusServer> server(new DbusServer(std::move(impl)));
+  service.set_observer(server.get());
+  return server;
+}
+
+Status DbusServer::request_name(std::string_view name) {
+  const int r = sd_bus_request_name(impl_->bus.get(), std::string(name).c_str(), 0);
+  if (r == -EALREADY) return Status::ok();
+  if (r < 0) return bus_status(r, "own the name '" + std::string(name) + "'");
+  impl_->log->info("owning '{}' on the bus", name);
+  return Status::ok();
+}
+
+std::string DbusServer::unique_name() const {
+  const char* name = nullptr;
+  if (sd_bus_get_unique_name(impl_->bus.get(), &name) < 0 || name == nullptr) return {};
+  return name;
+}
+
+void DbusServer::on_vm_added(const VmRecord& vm) {
+  impl_->guard_observer("on_vm_added", [&] {
+    const std::string path = vm_object_path(vm.id.str());
+    impl_->warn_if_failed(sd_bus_emit_object_added(impl_->bus.get(), path.c_str()),
+                          "InterfacesAdded", path);
+  });
+}
+
+void DbusServer::on_vm_changed(const VmRecord& vm) {
+  impl_->guard_observer("on_vm_changed", [&] {
+    const std::string path = vm_object_path(vm.id.str());
+    impl_->warn_if_failed(
+        sd_bus_emit_properties_changed(impl_->bus.get(), path.c_str(), kVmInterface.data(), "State",
+                                       "StateReason", "DesiredPower", "Spec", "Generation",
+                                       "ObservedGeneration", static_cast<char*>(nullptr)),
+        "PropertiesChanged", path);
+  });
+}
+
+void DbusServer::on_vm_removed(const VmId& id) {
+  impl_->guard_observer("on_vm_removed", [&] {
+    const std::string path = vm_object_path(id.str());
+    impl_->warn_if_failed(impl_->emit_removed(path, kVmInterface), "InterfacesRemoved", path);
+  });
+}
+
+void DbusServer::on_job_added(const JobView& job) {
+  impl_->guard_observer("on_job_added", [&] {
+    const std::string path = job_object_path(job.id);
+    impl_->warn_if_failed(sd_bus_emit_object_added(impl_->bus.get(), path.c_str()),
+                          "InterfacesAdded", path);
+    impl_->warn_if_failed(sd_bus_emit_signal(impl_->bus.get(), kManagerPath.data(),
+                                             kManagerInterface.data(), "JobNew", "uoss", job.id,
+                                             path.c_str(), job.kind.c_str(), job.object_id.c_str()),
+                          "JobNew", path);
+  });
+}
+
+void DbusServer::on_job_changed(const JobView& job) {
+  impl_->guard_observer("on_job_changed", [&] {
+    const std::string path = job_object_path(job.id);
+    impl_->warn_if_failed(
+        sd_bus_emit_properties_changed(impl_->bus.get(), path.c_str(), kJobInterface.data(),
+                                       "State", "Progress", static_cast<char*>(nullptr)),
+        "PropertiesChanged", path);
+  });
+}
+
+void DbusServer::on_job_removed(const JobView& job, const JobOutcome& outcome,
+                                const EventRecord& event) {
+  impl_->guard_observer("on_job_removed", [&] {
+    const std::string path = job_object_path(job.id);
+    const std::string error_name =
+        outcome.error.is_ok() ? std::string() : dbus_error_name(outcome.error.code());
+    impl_->warn_if_failed(
+        sd_bus_emit_signal(impl_->bus.get(), kManagerPath.data(), kManagerInterface.data(),
+                           "JobRemoved", "tuosssss", event.seq, job.id, path.c_str(),
+                           job.kind.c_str(), job.object_id.c_str(), outcome.result.c_str(),
+                           error_name.c_str(), outcome.error.message().c_str()),
+        "JobRemoved", path);
+    impl_->warn_if_failed(impl_->emit_removed(path, kJobInterface), "InterfacesRemoved", path);
+  });
+}
+
+void DbusServer::on_event(const EventRecord& event) {
+  if (event.kind != "VmStateChanged") return;
+  impl_->guard_observer("on_event", [&] {
+    const auto payload = nlohmann::json::parse(event.payload_json, nullptr, false);
+    if (!payload.is_object()) {
+      impl_->log->warn("event {} has a payload that is not a JSON object; signal sent without it",
+                       event.seq);
+    }
+    const auto field = [&payload](const char* key) -> std::string {
+      if (!payload.is_object()) return {};
+      const auto it = payload.find(key);
+      return it != payload.end() && it->is_string() ? it->get<std::string>() : std::string();
+    };
+    impl_->warn_if_failed(
+        sd_bus_emit_signal(impl_->bus.get(), kManagerPath.data(), kManagerInterface.data(),
+                           "VmStateChanged", "tssss", event.seq, event.object_id.c_str(),
+                           field("name").c_str(), field("state").c_str(), field("reason").c_str()),
+        "VmStateChanged", event.object_id);
+  });
+}
+
+}  // namespace nm

@@ -1,0 +1,206 @@
+#include "event_loop.h"
+
+#include <signal.h>
+#include <sys/eventfd.h>
+#include <systemd/sd-event.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstdint>
+#include <cstring>
+#include <deque>
+#include <exception>
+#include <mutex>
+#include <string>
+#include <utility>
+
+#include "event_loop_internal.h"
+#include "nm/core/fs.h"
+#include "nm/core/log.h"
+
+namespace nm {
+namespace {
+
+struct EventDeleter {
+  void operator()(sd_event* e) const { sd_event_unref(e); }
+};
+struct SourceDeleter {
+  void operator()(sd_event_source* s) const { sd_event_source_disable_unref(s); }
+};
+using EventPtr = std::unique_ptr<sd_event, EventDeleter>;
+using SourcePtr = std::unique_ptr<sd_event_source, SourceDeleter>;
+
+// The one translation of sd-event's negative errno returns.
+Status event_status(int r, std::string_view what) {
+  return errno_status(-r, "sd-event: " + std::string(what));
+}
+
+std::shared_ptr<spdlog::logger> log() {
+  static const auto logger = nm::logger("loop");
+  return logger;
+}
+
+template <typename F>
+void run_guarded(const char* what, F&& fn) noexcept {
+  try {
+    fn();
+  } catch (const std::exception& e) {
+    log()->error("{} threw: {}", what, e.what());
+  } catch (...) {
+    log()->error("{} threw a non-standard exception", what);
+  }
+}
+
+struct Periodic {
+  std::chrono::microseconds interval;
+  std::function<void()> fn;
+  SourcePtr source;
+};
+
+struct SignalHandler {
+  std::function<void(int)> fn;
+  std::vector<SourcePtr> sources;
+};
+
+}  // namespace
+
+struct SdEventLoop::Impl {
+  // Declared first, destroyed last: every source below refers to it.
+  EventPtr event;
+  UniqueFd wake_fd;
+  SourcePtr wake_source;
+  std::vector<std::unique_ptr<Periodic>> periodics;
+  std::vector<std::unique_ptr<SignalHandler>> signal_handlers;
+
+  std::mutex mu;
+  std::deque<std::function<void()>> queue;  // guarded by mu
+
+  static int on_wake(sd_event_source*, int fd, uint32_t, void* userdata) noexcept {
+    auto* self = static_cast<Impl*>(userdata);
+    uint64_t count = 0;
+    if (::read(fd, &count, sizeof count) < 0 && errno != EAGAIN) {
+      log()->error("read of the wake-up eventfd failed: {}", std::strerror(errno));
+    }
+    std::deque<std::function<void()>> batch;
+    {
+      std::lock_guard lock(self->mu);
+      batch.swap(self->queue);
+    }
+    for (auto& fn : batch) run_guarded("a posted function", fn);
+    return 0;
+  }
+
+  static int on_timer(sd_event_source* s, uint64_t, void* userdata) noexcept {
+    auto* p = static_cast<Periodic*>(userdata);
+    run_guarded("a periodic function", p->fn);
+    int r = sd_event_source_set_time_relative(s, static_cast<uint64_t>(p->interval.count()));
+    if (r >= 0) r = sd_event_source_set_enabled(s, SD_EVENT_ONESHOT);
+    if (r < 0) log()->error("re-arming a periodic timer failed: {}", std::strerror(-r));
+    return 0;
+  }
+
+  static int on_signal(sd_event_source*, const struct signalfd_siginfo* si,
+                       void* userdata) noexcept {
+    auto* h = static_cast<SignalHandler*>(userdata);
+    const int sig = static_cast<int>(si->ssi_signo);
+    run_guarded("a signal handler", [&] { h->fn(sig); });
+    return 0;
+  }
+};
+
+sd_event* SdEventLoopAccess::event(SdEventLoop& loop) {
+  return loop.impl_->event.get();
+}
+
+SdEventLoop::SdEventLoop(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+
+SdEventLoop::~SdEventLoop() = default;
+
+Result<std::unique_ptr<SdEventLoop>> SdEventLoop::create() {
+  auto impl = std::make_unique<Impl>();
+  sd_event* raw = nullptr;
+  int r = sd_event_new(&raw);
+  if (r < 0) return event_status(r, "create the loop");
+  impl->event.reset(raw);
+
+  impl->wake_fd = UniqueFd(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
+  if (!impl->wake_fd.valid()) return errno_status(errno, "eventfd");
+  sd_event_source* src = nullptr;
+  r = sd_event_add_io(impl->event.get(), &src, impl->wake_fd.get(), EPOLLIN, &Impl::on_wake,
+                      impl.get());
+  if (r < 0) return event_status(r, "watch the wake-up eventfd");
+  impl->wake_source.reset(src);
+  return std::unique_ptr<SdEventLoop>(new SdEventLoop(std::move(impl)));
+}
+
+void SdEventLoop::post(std::function<void()> fn) {
+  {
+    std::lock_guard lock(impl_->mu);
+    impl_->queue.push_back(std::move(fn));
+  }
+  const uint64_t one = 1;
+  // EAGAIN only when the counter is saturated, which means a wake-up is pending anyway.
+  if (::write(impl_->wake_fd.get(), &one, sizeof one) < 0 && errno != EAGAIN) {
+    log()->error("waking the loop failed: {}", std::strerror(errno));
+  }
+}
+
+Status SdEventLoop::add_periodic(std::chrono::microseconds interval, std::function<void()> fn) {
+  if (interval.count() <= 0) return invalid_argument("periodic interval must be positive");
+  auto p = std::make_unique<Periodic>(Periodic{interval, std::move(fn), nullptr});
+  sd_event_source* src = nullptr;
+  const int r = sd_event_add_time_relative(impl_->event.get(), &src, CLOCK_MONOTONIC,
+                                           static_cast<uint64_t>(interval.count()), 0,
+                                           &Impl::on_timer, p.get());
+  if (r < 0) return event_status(r, "add a periodic timer");
+  p->source.reset(src);
+  impl_->periodics.push_back(std::move(p));
+  return Status::ok();
+}
+
+Status SdEventLoop::on_signals(std::vector<int> signals, std::function<void(int)> fn) {
+  sigset_t set;
+  sigemptyset(&set);
+  for (const int sig : signals) {
+    if (sigaddset(&set, sig) != 0)
+      return invalid_argument("bad signal number " + std::to_string(sig));
+  }
+  const int err = pthread_sigmask(SIG_BLOCK, &set, nullptr);
+  if (err != 0) return errno_status(err, "block signals");
+  auto h = std::make_unique<SignalHandler>();
+  h->fn = std::move(fn);
+  for (const int sig : signals) {
+    sd_event_source* src = nullptr;
+    const int r = sd_event_add_signal(impl_->event.get(), &src, sig, &Impl::on_signal, h.get());
+    if (r < 0) return event_status(r, "watch signal " + std::to_string(sig));
+    h->sources.emplace_back(src);
+  }
+  impl_->signal_handlers.push_back(std::move(h));
+  return Status::ok();
+}
+
+Status SdEventLoop::run() {
+  const int r = sd_event_loop(impl_->event.get());
+  if (r < 0) return event_status(r, "run the loop");
+  return Status::ok();
+}
+
+void SdEventLoop::exit(int code) {
+  const int r = sd_event_exit(impl_->event.get(), code);
+  if (r < 0) log()->error("ending the loop failed: {}", std::strerror(-r));
+}
+
+int SdEventLoop::exit_code() const {
+  int code = 0;
+  if (sd_event_get_exit_code(impl_->event.get(), &code) < 0) return 0;
+  return code;
+}
+
+Status SdEventLoop::enable_watchdog() {
+  const int r = sd_event_set_watchdog(impl_->event.get(), 1);
+  if (r < 0) return event_status(r, "enable the watchdog");
+  if (r > 0) log()->info("systemd watchdog enabled");
+  return Status::ok();
+}
+
+}  // namespace nm
