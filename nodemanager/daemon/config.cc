@@ -1,0 +1,83 @@
+#include "config.h"
+
+#include <boost/program_options.hpp>
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+
+namespace nm {
+namespace po = boost::program_options;
+
+Result<ParseOutcome> parse_daemon_config(int argc, const char* const* argv, DaemonConfig& c,
+                                         std::string& out) {
+  std::string orphan_policy = "report";
+  po::options_description opts(
+      "nodemanagerd options (each also settable as KEY=VALUE in the config file)");
+  // clang-format off
+  opts.add_options()
+    ("help,h", "show this help and exit")
+    ("version", "show the version and exit")
+    ("config", po::value(&c.config_file)->default_value(c.config_file), "INI config file")
+    ("bus", po::value(&c.bus)->default_value(c.bus), "D-Bus to serve on: system, session or an address (unix:path=...)")
+    ("libvirt-uri", po::value(&c.libvirt_uri)->default_value(c.libvirt_uri), "libvirt connection URI")
+    ("state-dir", po::value(&c.state_dir)->default_value(c.state_dir), "state directory (state.db, images/, instances/)")
+    ("log-level", po::value(&c.log_level)->default_value(c.log_level), "trace, debug, info, warn, error, critical or off")
+    ("domain-type", po::value(&c.domain_type), "libvirt <domain type>: kvm, qemu (TCG) or test; default: the connection's")
+    ("storage-pool", po::value(&c.storage_pool)->default_value(c.storage_pool), "libvirt storage pool for VM overlays (in <state-dir>/instances)")
+    ("stop-timeout-ms", po::value(&c.stop_timeout_ms)->default_value(c.stop_timeout_ms), "graceful stop: wait this long before forcing power-off")
+    ("audit-interval-ms", po::value(&c.audit_interval_ms)->default_value(c.audit_interval_ms), "periodic reconcile of libvirt against the database")
+    ("orphan-policy", po::value(&orphan_policy)->default_value(orphan_policy), "report or remove domains/overlays marked as ours that the database does not know")
+    ("workers", po::value(&c.workers)->default_value(c.workers), "threads for blocking libvirt and image work")
+    ("event-capacity", po::value(&c.event_capacity)->default_value(c.event_capacity), "events kept for GetEvents replay")
+    ("debug-job-delay-ms", po::value(&c.debug_job_delay_ms)->default_value(0), "testing only: pause between job steps");
+  // clang-format on
+  po::variables_map vm;
+  try {
+    po::store(po::parse_command_line(argc, argv, opts), vm);
+    if (vm.count("help")) {
+      std::ostringstream s;
+      s << "Usage: nodemanagerd [OPTIONS]\n\nThe nodemanager host agent: provisions VMs through "
+           "libvirt and serves org.nodemanager.NodeManager1 on D-Bus.\n\n"
+        << opts;
+      out = s.str();
+      return ParseOutcome::kExitOk;
+    }
+    if (vm.count("version")) {
+      out = "nodemanagerd " NM_VERSION "\n";
+      return ParseOutcome::kExitOk;
+    }
+    const std::string file = vm.count("config") ? vm["config"].as<std::string>() : c.config_file;
+    const bool explicit_file = !vm["config"].defaulted();
+    if (std::filesystem::exists(file)) {
+      std::ifstream in(file);
+      if (!in) return invalid_argument("config: cannot read '" + file + "'");
+      po::store(po::parse_config_file(in, opts, /*allow_unregistered=*/false), vm);
+    } else if (explicit_file) {
+      return invalid_argument("config: file '" + file + "' does not exist");
+    }
+    po::notify(vm);
+  } catch (const po::error& e) {
+    return invalid_argument(std::string(e.what()));
+  }
+  if (orphan_policy == "report") {
+    c.orphan_policy = OrphanPolicy::kReport;
+  } else if (orphan_policy == "remove") {
+    c.orphan_policy = OrphanPolicy::kRemove;
+  } else {
+    return invalid_argument("orphan-policy: '" + orphan_policy + "' is not 'report' or 'remove'");
+  }
+  if (!c.domain_type.empty() && c.domain_type != "kvm" && c.domain_type != "qemu" &&
+      c.domain_type != "test") {
+    return invalid_argument("domain-type: '" + c.domain_type + "' is not kvm, qemu or test");
+  }
+  if (c.state_dir.empty() || c.state_dir.front() != '/') {
+    return invalid_argument("state-dir: '" + c.state_dir + "' must be an absolute path");
+  }
+  if (c.workers < 1 || c.workers > 256) return invalid_argument("workers: must be 1 to 256");
+  if (c.audit_interval_ms < 100) return invalid_argument("audit-interval-ms: must be >= 100");
+  if (c.event_capacity < 100) return invalid_argument("event-capacity: must be >= 100");
+  if (c.bus.empty()) return invalid_argument("bus: must be system, session or an address");
+  return ParseOutcome::kRun;
+}
+
+}  // namespace nm

@@ -1,0 +1,38 @@
+// nodemanagerd's configuration: a plain struct with documented defaults, parsed once in main()
+// from flags and the INI config file (a flag beats the file, the file beats the default).
+#pragma once
+
+#include <chrono>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "nm/core/status.h"
+#include "nm/node_service.h"
+
+namespace nm {
+
+struct DaemonConfig {
+  std::string config_file = "/etc/nodemanager/nodemanagerd.conf";  // missing default file is OK
+  std::string bus = "system";  // "system", "session" or a D-Bus address
+  std::string libvirt_uri = "qemu:///system";
+  std::string state_dir = "/var/lib/nodemanager";
+  std::string log_level = "info";
+  std::string domain_type;                   // empty: libvirt's default ("kvm", "test")
+  std::string storage_pool = "nodemanager";  // libvirt pool that holds the VM overlays
+  uint32_t stop_timeout_ms = 60000;          // graceful stop before forcing
+  uint32_t audit_interval_ms = 30000;        // periodic reconcile
+  OrphanPolicy orphan_policy = OrphanPolicy::kReport;
+  uint32_t workers = 8;             // threads for blocking libvirt/image work
+  uint32_t event_capacity = 10000;  // events kept for GetEvents replay
+  uint32_t debug_job_delay_ms = 0;  // tests only: widen crash windows
+};
+
+enum class ParseOutcome { kRun, kExitOk };
+
+// Parses argv (and the config file it names). kExitOk after --help or --version (already
+// printed to `out`). InvalidArgument naming the option and the rule on bad input.
+Result<ParseOutcome> parse_daemon_config(int argc, const char* const* argv, DaemonConfig& config,
+                                         std::string& out);
+
+}  // namespace nm

@@ -1,0 +1,158 @@
+// nodemanagerd: the composition root. The only place that wires adapters together.
+#include <signal.h>
+#include <systemd/sd-daemon.h>
+
+#include <cstdio>
+#include <cstdlib>
+#include <filesystem>
+#include <iostream>
+
+#include "config.h"
+#include "dbus/dbus_server.h"
+#include "dbus/event_loop.h"
+#include "libvirt/libvirt_hypervisor.h"
+#include "nm/core/clock.h"
+#include "nm/core/fs.h"
+#include "nm/core/log.h"
+#include "nm/executor.h"
+#include "nm/imagestore/image_store.h"
+#include "nm/node_service.h"
+#include "nm/state_store.h"
+
+namespace {
+
+constexpr int kExitConfig = 2;
+constexpr int kExitStartup = 1;
+
+void notify_status(const std::string& status) {
+  sd_notifyf(0, "STATUS=%s", status.c_str());
+}
+
+int fail(const std::shared_ptr<spdlog::logger>& log, const std::string& what, const nm::Status& s) {
+  log->critical("{}: {}", what, s.to_string());
+  notify_status(what + ": " + s.message());
+  return kExitStartup;
+}
+
+int run(const nm::DaemonConfig& cfg) {
+  auto log = nm::logger("daemon");
+  log->info("nodemanagerd {} starting: bus '{}', libvirt '{}', state '{}'", NM_VERSION, cfg.bus,
+            cfg.libvirt_uri, cfg.state_dir);
+  notify_status("starting");
+
+  const std::string images_dir = cfg.state_dir + "/images";
+  const std::string instances_dir = cfg.state_dir + "/instances";
+  for (const auto& dir : {cfg.state_dir, images_dir, instances_dir}) {
+    if (auto s = nm::make_dirs(dir); !s.is_ok())
+      return fail(log, "creating the state directory", s);
+  }
+
+  nm::SystemClock clock;
+  nm::SqliteOptions db_opts;
+  db_opts.event_capacity = cfg.event_capacity;
+  auto store =
+      nm::open_sqlite_state_store(cfg.state_dir + "/state.db", db_opts, clock.now_realtime_us());
+  if (!store.is_ok()) return fail(log, "opening the state database", store.status());
+  auto images = nm::open_dir_image_store(images_dir);
+  if (!images.is_ok()) return fail(log, "opening the image store", images.status());
+
+  // Signals must be blocked before any other thread starts (threads inherit the mask).
+  auto loop = nm::SdEventLoop::create();
+  if (!loop.is_ok()) return fail(log, "creating the event loop", loop.status());
+  nm::SdEventLoop& ev = **loop;
+  if (auto s = ev.on_signals({SIGTERM, SIGINT},
+                             [&](int sig) {
+                               log->info("received {}, exiting; guests keep running",
+                                         sig == SIGTERM ? "SIGTERM" : "SIGINT");
+                               sd_notify(0, "STOPPING=1");
+                               ev.exit(0);
+                             });
+      !s.is_ok()) {
+    return fail(log, "installing signal handlers", s);
+  }
+  ::signal(SIGPIPE, SIG_IGN);
+
+  nm::LibvirtOptions lv;
+  lv.uri = cfg.libvirt_uri;
+  lv.pool_name = cfg.storage_pool;
+  lv.pool_dir = instances_dir;
+  notify_status("connecting to libvirt");
+  auto hypervisor = nm::LibvirtHypervisor::create(lv);
+  if (!hypervisor.is_ok()) return fail(log, "connecting to libvirt", hypervisor.status());
+
+  auto workers = std::make_unique<nm::WorkerPool>(cfg.workers);
+  nm::ServiceOptions so;
+  so.instances_dir = instances_dir;
+  so.domain_type = cfg.domain_type;
+  so.stop_timeout = std::chrono::milliseconds(cfg.stop_timeout_ms);
+  so.orphan_policy = cfg.orphan_policy;
+  so.debug_job_delay = std::chrono::milliseconds(cfg.debug_job_delay_ms);
+  auto service = nm::make_node_service(
+      nm::ServiceDeps{**store, **hypervisor, **images, ev, *workers, clock}, so);
+
+  // On every way out of this function: running jobs are asked to stop and the workers joined
+  // before the service they use is destroyed.
+  struct StopJobs {
+    nm::NodeService& service;
+    std::unique_ptr<nm::WorkerPool>& workers;
+    ~StopJobs() {
+      service.shutdown();
+      workers.reset();
+    }
+  } stop_jobs{*service, workers};
+
+  auto server = nm::DbusServer::create(ev, cfg.bus, *service);
+  if (!server.is_ok()) return fail(log, "connecting to the bus", server.status());
+
+  notify_status("reconciling");
+  if (auto s = service->start(); !s.is_ok()) return fail(log, "start-up reconcile", s);
+  if (auto s = (*server)->request_name(); !s.is_ok()) {
+    return fail(log, "owning org.nodemanager.NodeManager1", s);
+  }
+  if (auto s = ev.add_periodic(std::chrono::milliseconds(cfg.audit_interval_ms),
+                               [&] { service->audit(); });
+      !s.is_ok()) {
+    return fail(log, "arming the audit timer", s);
+  }
+  if (auto s = ev.enable_watchdog(); !s.is_ok()) return fail(log, "enabling the watchdog", s);
+
+  const auto vms = service->list_vms("");
+  const std::string ready = "serving " + std::to_string(vms.size()) + " VMs";
+  sd_notifyf(0, "READY=1\nSTATUS=%s", ready.c_str());
+  log->info("ready: {}", ready);
+
+  const nm::Status ran = ev.run();
+  notify_status("stopping");
+  // Order: the bus goes first (no new calls), then stop_jobs lets the workers finish their
+  // current step (they use the service), then the service, the hypervisor connection, the loop.
+  server->reset();
+  if (!ran.is_ok()) {
+    log->error("event loop failed: {}", ran.to_string());
+    return kExitStartup;
+  }
+  log->info("stopped");
+  return ev.exit_code();
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  nm::DaemonConfig cfg;
+  std::string out;
+  auto parsed = nm::parse_daemon_config(argc, argv, cfg, out);
+  if (!parsed.is_ok()) {
+    std::fprintf(stderr, "nodemanagerd: %s\n", parsed.status().message().c_str());
+    return kExitConfig;
+  }
+  if (*parsed == nm::ParseOutcome::kExitOk) {
+    std::cout << out;
+    return 0;
+  }
+  // Under systemd, stderr is connected to the journal (JOURNAL_STREAM): log there natively.
+  const bool journal = std::getenv("JOURNAL_STREAM") != nullptr;
+  if (auto s = nm::setup_logging(cfg.log_level, journal); !s.is_ok()) {
+    std::fprintf(stderr, "nodemanagerd: %s\n", s.message().c_str());
+    return kExitConfig;
+  }
+  return run(cfg);
+}
