@@ -23,7 +23,7 @@ UniqueFd::~UniqueFd() {
 }
 
 Status errno_status(int err, std::string_view what) {
-  const Code code = (err == ENOENT) ? Code::kNotFound
+  const Code code = (err == ENOENT)                   ? Code::kNotFound
                     : (err == EACCES || err == EPERM) ? Code::kAccessDenied
                     : (err == ENOSPC || err == EDQUOT || err == EIO || err == EROFS)
                         ? Code::kUnavailable

@@ -18,12 +18,23 @@ class JournalSink final : public spdlog::sinks::base_sink<std::mutex> {
     int prio = LOG_INFO;
     switch (msg.level) {
       case spdlog::level::trace:
-      case spdlog::level::debug: prio = LOG_DEBUG; break;
-      case spdlog::level::info: prio = LOG_INFO; break;
-      case spdlog::level::warn: prio = LOG_WARNING; break;
-      case spdlog::level::err: prio = LOG_ERR; break;
-      case spdlog::level::critical: prio = LOG_CRIT; break;
-      default: break;
+      case spdlog::level::debug:
+        prio = LOG_DEBUG;
+        break;
+      case spdlog::level::info:
+        prio = LOG_INFO;
+        break;
+      case spdlog::level::warn:
+        prio = LOG_WARNING;
+        break;
+      case spdlog::level::err:
+        prio = LOG_ERR;
+        break;
+      case spdlog::level::critical:
+        prio = LOG_CRIT;
+        break;
+      default:
+        break;
     }
     const std::string text(msg.payload.data(), msg.payload.size());
     const std::string name(msg.logger_name.data(), msg.logger_name.size());

@@ -5,12 +5,22 @@
 namespace nm {
 namespace {
 constexpr std::array<std::string_view, 10> kNames = {
-    "Ok",       "InvalidArgument", "NotFound",             "AlreadyExists", "Conflict",
-    "QuotaExceeded", "InsufficientCapacity", "Unavailable", "AccessDenied",  "Internal",
+    "Ok",
+    "InvalidArgument",
+    "NotFound",
+    "AlreadyExists",
+    "Conflict",
+    "QuotaExceeded",
+    "InsufficientCapacity",
+    "Unavailable",
+    "AccessDenied",
+    "Internal",
 };
 }  // namespace
 
-std::string_view code_name(Code code) { return kNames.at(static_cast<size_t>(code)); }
+std::string_view code_name(Code code) {
+  return kNames.at(static_cast<size_t>(code));
+}
 
 Code code_from_name(std::string_view name) {
   for (size_t i = 0; i < kNames.size(); ++i) {

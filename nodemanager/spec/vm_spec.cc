@@ -77,7 +77,7 @@ Status check_known_fields(const json& obj, std::string_view path, const auto& kn
 
 // Unsigned integer in [lo, hi]; booleans, floats, strings and negatives are refused.
 Result<uint64_t> get_uint(const json& v, std::string_view path, uint64_t lo, uint64_t hi) {
-  const auto range = [&](std::string got) {
+  const auto range = [&](const std::string& got) {
     return field_error(path, "must be between " + std::to_string(lo) + " and " +
                                  std::to_string(hi) + ", got " + got);
   };

@@ -20,12 +20,12 @@ namespace nm {
 inline constexpr uint32_t kMinVcpus = 1;
 inline constexpr uint32_t kMaxVcpus = 128;
 inline constexpr uint64_t kMinMemoryMiB = 32;
-inline constexpr uint64_t kMaxMemoryMiB = 1024 * 1024;  // 1 TiB
-inline constexpr uint32_t kMaxDiskGiB = 16 * 1024;      // 16 TiB
+inline constexpr uint64_t kMaxMemoryMiB = uint64_t{1024} * 1024;  // 1 TiB
+inline constexpr uint32_t kMaxDiskGiB = 16 * 1024;                // 16 TiB
 inline constexpr size_t kMaxCmdline = 1024;
 inline constexpr size_t kMaxNetworks = 8;
 // Largest spec document accepted, in bytes.
-inline constexpr size_t kMaxSpecBytes = 64 * 1024;
+inline constexpr size_t kMaxSpecBytes = size_t{64} * 1024;
 
 struct VmNetworkAttachment {
   NetworkName network;

@@ -139,7 +139,7 @@ class DirImageStoreTest : public ::testing::Test {
 };
 
 TEST_F(DirImageStoreTest, ImportsRawImageAsReadOnlyContentAddressedBlob) {
-  const std::string data = pattern_bytes(3 * 1024 * 1024 + 17, 'a');
+  const std::string data = pattern_bytes(size_t{3} * 1024 * 1024 + 17, 'a');
   UniqueFd fd = source(data);
   std::vector<std::pair<uint64_t, uint64_t>> calls;
   auto info = store_->import(
@@ -199,7 +199,7 @@ TEST_F(DirImageStoreTest, CatalogSurvivesReopenAndResolvesByTagAndDigest) {
 }
 
 TEST_F(DirImageStoreTest, WrongSha256IsRefusedAndLeavesNothing) {
-  const std::string data = pattern_bytes(2 * 1024 * 1024, 'q');
+  const std::string data = pattern_bytes(size_t{2} * 1024 * 1024, 'q');
   auto info = import("bad:1", data, ImageKind::kDisk, digest_of("something else"));
   ASSERT_EQ(info.status().code(), Code::kInvalidArgument);
   EXPECT_NE(info.status().message().find(sha256_hex(data)), std::string::npos)
@@ -317,7 +317,7 @@ TEST_F(DirImageStoreTest, StrayTempFilesAreRemovedAtOpen) {
 }
 
 TEST_F(DirImageStoreTest, CancelStopsBetweenChunksAndCleansUp) {
-  const std::string data = pattern_bytes(4 * 1024 * 1024, 'c');
+  const std::string data = pattern_bytes(size_t{4} * 1024 * 1024, 'c');
   UniqueFd fd = source(data);
   std::atomic<bool> cancel{false};
   int chunks = 0;
@@ -337,7 +337,7 @@ TEST_F(DirImageStoreTest, CancelStopsBetweenChunksAndCleansUp) {
 }
 
 TEST_F(DirImageStoreTest, StreamsFromAPipeWithShortReads) {
-  const std::string data = pattern_bytes(300 * 1000, 'p');
+  const std::string data = pattern_bytes(size_t{300} * 1000, 'p');
   int fds[2];
   ASSERT_EQ(::pipe(fds), 0);
   UniqueFd rd(fds[0]);
@@ -359,10 +359,11 @@ TEST_F(DirImageStoreTest, StreamsFromAPipeWithShortReads) {
 }
 
 TEST_F(DirImageStoreTest, ConcurrentImportsOfTheSameBytesShareOneBlob) {
-  const std::string data = pattern_bytes(3 * 1024 * 1024, 'm');
+  const std::string data = pattern_bytes(size_t{3} * 1024 * 1024, 'm');
   std::vector<std::thread> threads;
   std::vector<Status> results(4);
   std::vector<UniqueFd> fds;
+  fds.reserve(4);
   for (int i = 0; i < 4; ++i) fds.push_back(source(data));
   for (size_t i = 0; i < 4; ++i) {
     threads.emplace_back([&, i] {
@@ -389,7 +390,7 @@ TEST_F(DirImageStoreTest, FullDiskIsUnavailableAndLeavesNoTempFile) {
   {
     auto s = open_dir_image_store((small / "images").string(), clock_);
     ASSERT_TRUE(s.is_ok()) << s.status().to_string();
-    const std::string data = pattern_bytes(3 * 1024 * 1024, 'f');
+    const std::string data = pattern_bytes(size_t{3} * 1024 * 1024, 'f');
     UniqueFd fd = source(data);
     auto info = (*s)->import(image_ref("huge:1"), fd.get(), digest_of(data), ImageKind::kDisk,
                              std::nullopt, nullptr, nullptr);

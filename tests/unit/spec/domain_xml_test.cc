@@ -110,8 +110,7 @@ TEST(DomainXmlGolden, EscapedPaths) {
 
 TEST(DomainXml, IsPureSameInputSameBytes) {
   const DomainXmlInput in = direct_kernel_qemu();
-  const DomainXmlInput copy = in;
-  EXPECT_EQ(render_domain_xml(in), render_domain_xml(copy));
+  EXPECT_EQ(render_domain_xml(in), render_domain_xml(direct_kernel_qemu()));
   DomainXmlInput changed = in;
   changed.generation = 4;
   EXPECT_NE(render_domain_xml(in), render_domain_xml(changed));
@@ -181,24 +180,24 @@ TEST(OwnerMetadata, RoundTrips) {
 }
 
 TEST(OwnerMetadata, AcceptsLibvirtReformattedVariants) {
-  const std::string id = kId.str();
+  const std::string& id = kId.str();
   for (const std::string& variant : std::vector<std::string>{
            // as virDomainGetMetadata(VIR_DOMAIN_METADATA_ELEMENT) returns it (libvirt 9.0)
-           "<vm id=\"" + id + "\" tenant=\"contoso\" generation=\"3\"/>",
+           R"(<vm id=")" + id + R"(" tenant="contoso" generation="3"/>)",
            // as it appears in virDomainGetXMLDesc() output
-           "<nm:vm xmlns:nm=\"https://nodemanager.org/xmlns/vm/1\" id=\"" + id +
-               "\" tenant=\"contoso\" generation=\"3\"/>",
+           R"(<nm:vm xmlns:nm="https://nodemanager.org/xmlns/vm/1" id=")" + id +
+               R"(" tenant="contoso" generation="3"/>)",
            // single quotes, other attribute order, newlines and indentation
            "\n  <nm:vm generation='3'\n\ttenant='contoso' id='" + id +
                "'\n    xmlns:nm='https://nodemanager.org/xmlns/vm/1' />\n",
            // no namespace declaration (already stripped by the caller)
            "<nm:vm id='" + id + "' tenant='contoso' generation='3'/>",
            // unprefixed with a default namespace, as an explicit empty element
-           "<vm xmlns=\"https://nodemanager.org/xmlns/vm/1\" id=\"" + id +
-               "\" tenant=\"contoso\" generation=\"3\"></vm>",
+           R"(<vm xmlns="https://nodemanager.org/xmlns/vm/1" id=")" + id +
+               R"(" tenant="contoso" generation="3"></vm>)",
            // another prefix bound to our namespace, an XML declaration, spaces around '='
            "<?xml version=\"1.0\"?>\n<x:vm xmlns:x=\"https://nodemanager.org/xmlns/vm/1\" id = \"" +
-               id + "\" tenant=\"contoso\" generation=\"3\"/>",
+               id + R"(" tenant="contoso" generation="3"/>)",
            // an attribute from a later version is ignored
            "<nm:vm id='" + id + "' tenant='contoso' generation='3' zone='z1'/>",
        }) {
@@ -209,35 +208,36 @@ TEST(OwnerMetadata, AcceptsLibvirtReformattedVariants) {
 }
 
 TEST(OwnerMetadata, RefusesMissingOrInvalidParts) {
-  const std::string id = kId.str();
-  for (const std::string& bad : std::vector<std::string>{
-           std::string(),
-           std::string("   "),
-           std::string("garbage"),
-           "<nm:vm tenant='contoso' generation='3'/>",
-           "<nm:vm id='" + id + "' generation='3'/>",
-           "<nm:vm id='" + id + "' tenant='contoso'/>",
-           "<nm:vm id='NOT-A-UUID' tenant='contoso' generation='3'/>",
-           "<nm:vm id='" + id + "' tenant='Contoso' generation='3'/>",
-           "<nm:vm id='" + id + "' tenant='con&lt;toso' generation='3'/>",
-           "<nm:vm id='" + id + "' tenant='contoso' generation='-1'/>",
-           "<nm:vm id='" + id + "' tenant='contoso' generation='+1'/>",
-           "<nm:vm id='" + id + "' tenant='contoso' generation='1x'/>",
-           "<nm:vm id='" + id + "' tenant='contoso' generation=''/>",
-           "<nm:vm id='" + id + "' tenant='contoso' generation='18446744073709551616'/>",
-           "<nm:vm id='" + id + "' tenant='contoso' generation=3/>",
-           "<nm:vm id='" + id + "' tenant='contoso' generation='3\"/>",
-           "<nm:vm id='" + id + "' tenant='contoso' generation='3'",
-           "<nm:vm id='" + id + "' id='" + id + "' tenant='contoso' generation='3'/>",
-           "<nm:vm id='" + id + "'tenant='contoso' generation='3'/>",
-           "<nm:vm id='" + id + "' tenant='contoso' generation='3'/><extra/>",
-           "<nm:vm id='" + id + "' tenant='contoso' generation='3'><child/></nm:vm>",
-           "<nm:vmx id='" + id + "' tenant='contoso' generation='3'/>",
-           "<other:vm id='" + id + "' tenant='contoso' generation='3'/>",
-           "<nm:vm xmlns:nm='https://example.org/other' id='" + id +
-               "' tenant='contoso' generation='3'/>",
-           "<nm:vm id='" + id + "' tenant='con&bogus;toso' generation='3'/>",
-       }) {
+  const std::string& id = kId.str();
+  const std::vector<std::string> bad_inputs = {
+      std::string(),
+      std::string("   "),
+      std::string("garbage"),
+      "<nm:vm tenant='contoso' generation='3'/>",
+      "<nm:vm id='" + id + "' generation='3'/>",
+      "<nm:vm id='" + id + "' tenant='contoso'/>",
+      "<nm:vm id='NOT-A-UUID' tenant='contoso' generation='3'/>",
+      "<nm:vm id='" + id + "' tenant='Contoso' generation='3'/>",
+      "<nm:vm id='" + id + "' tenant='con&lt;toso' generation='3'/>",
+      "<nm:vm id='" + id + "' tenant='contoso' generation='-1'/>",
+      "<nm:vm id='" + id + "' tenant='contoso' generation='+1'/>",
+      "<nm:vm id='" + id + "' tenant='contoso' generation='1x'/>",
+      "<nm:vm id='" + id + "' tenant='contoso' generation=''/>",
+      "<nm:vm id='" + id + "' tenant='contoso' generation='18446744073709551616'/>",
+      "<nm:vm id='" + id + "' tenant='contoso' generation=3/>",
+      "<nm:vm id='" + id + "' tenant='contoso' generation='3\"/>",
+      "<nm:vm id='" + id + "' tenant='contoso' generation='3'",
+      "<nm:vm id='" + id + "' id='" + id + "' tenant='contoso' generation='3'/>",
+      "<nm:vm id='" + id + "'tenant='contoso' generation='3'/>",
+      "<nm:vm id='" + id + "' tenant='contoso' generation='3'/><extra/>",
+      "<nm:vm id='" + id + "' tenant='contoso' generation='3'><child/></nm:vm>",
+      "<nm:vmx id='" + id + "' tenant='contoso' generation='3'/>",
+      "<other:vm id='" + id + "' tenant='contoso' generation='3'/>",
+      "<nm:vm xmlns:nm='https://example.org/other' id='" + id +
+          "' tenant='contoso' generation='3'/>",
+      "<nm:vm id='" + id + "' tenant='con&bogus;toso' generation='3'/>",
+  };
+  for (const std::string& bad : bad_inputs) {
     auto r = parse_owner_metadata(bad);
     ASSERT_FALSE(r.is_ok()) << "accepted: " << bad;
     EXPECT_EQ(r.status().code(), Code::kInvalidArgument) << bad;

@@ -325,7 +325,7 @@ TEST(VmSpecDocument, MustBeAJsonObject) {
 }
 
 TEST(VmSpecDocument, MalformedJsonSaysWhere) {
-  for (const char* bad : {"{", "{\"name\":}", "", "{\"name\": \"a\",}", "{'name': 'a'}"}) {
+  for (const char* bad : {"{", R"({"name":})", "", R"({"name": "a",})", "{'name': 'a'}"}) {
     expect_refused(bad, "spec", "malformed JSON");
   }
   auto r = parse_vm_spec("{\n\"name\": ]");

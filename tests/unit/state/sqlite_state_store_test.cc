@@ -290,7 +290,7 @@ TEST_F(SqliteStateStoreTest, FullDiskFailsTheCommitAsUnavailableAndKeepsWorking)
   }
   path_ = (small / "state.db").string();
   open();
-  const std::string payload(16 * 1024, 'x');
+  const std::string payload(size_t{16} * 1024, 'x');
   Status failed;
   uint64_t committed = 0;
   for (int i = 0; i < 64 && failed.is_ok(); ++i) {
