@@ -1,7 +1,7 @@
 // nodemanagerd: the composition root. The only place that wires adapters together.
-#include <signal.h>
 #include <systemd/sd-daemon.h>
 
+#include <csignal>
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>

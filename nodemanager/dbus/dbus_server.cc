@@ -121,6 +121,8 @@ struct DbusServer::Impl {
   std::shared_ptr<spdlog::logger> log = nm::logger("dbus");
   BusPtr bus;                  // declared before the slots: released after them
   std::vector<SlotPtr> slots;  // vtables, object manager, enumerators
+  int in_method = 0;           // > 0 while a method handler runs
+  std::vector<std::pair<const char*, std::function<void()>>> deferred;  // its signals
 
   // ---- helpers ----
 
@@ -139,13 +141,25 @@ struct DbusServer::Impl {
   template <typename F>
   static int guard_method(void* userdata, sd_bus_message* m, F&& body) noexcept {
     auto* self = static_cast<Impl*>(userdata);
+    // Signals caused by the call go out after its reply: the caller is not kept waiting while
+    // the bus routes them, and it never sees a signal about an object before the reply naming it.
+    ++self->in_method;
+    int r = 0;
     try {
-      return body(*self);
+      r = body(*self);
     } catch (const std::exception& e) {
       self->log->error("{} threw: {}", member_of(m), e.what());
+      r = internal_error_reply(m);
     } catch (...) {
       self->log->error("{} threw a non-standard exception", member_of(m));
+      r = internal_error_reply(m);
     }
+    --self->in_method;
+    self->flush_deferred();
+    return r;
+  }
+
+  static int internal_error_reply(sd_bus_message* m) {
     return sd_bus_reply_method_errorf(m, dbus_error_name(Code::kInternal).c_str(), "%s",
                                       "internal error, see the node's log");
   }
@@ -175,8 +189,20 @@ struct DbusServer::Impl {
   }
 
   // Observer calls come from the service: a failure to signal is logged, never thrown back.
-  template <typename F>
-  void guard_observer(const char* what, F&& body) noexcept {
+  // While a method call is being handled, emissions wait until its reply was sent.
+  void guard_observer(const char* what, std::function<void()> body) noexcept {
+    if (in_method > 0) {
+      try {
+        deferred.emplace_back(what, std::move(body));
+        return;
+      } catch (...) {
+        log->error("{}: cannot defer the signal; sending it now", what);
+      }
+    }
+    run_observer(what, body);
+  }
+
+  void run_observer(const char* what, const std::function<void()>& body) noexcept {
     try {
       body();
     } catch (const std::exception& e) {
@@ -184,6 +210,13 @@ struct DbusServer::Impl {
     } catch (...) {
       log->error("{} threw a non-standard exception", what);
     }
+  }
+
+  void flush_deferred() noexcept {
+    if (in_method > 0) return;
+    std::vector<std::pair<const char*, std::function<void()>>> pending;
+    pending.swap(deferred);
+    for (const auto& [what, body] : pending) run_observer(what, body);
   }
 
   // InterfacesRemoved for an object the service no longer knows. The interfaces are listed
@@ -677,7 +710,7 @@ std::string DbusServer::unique_name() const {
 }
 
 void DbusServer::on_vm_added(const VmRecord& vm) {
-  impl_->guard_observer("on_vm_added", [&] {
+  impl_->guard_observer("on_vm_added", [=, this] {
     const std::string path = vm_object_path(vm.id.str());
     impl_->warn_if_failed(sd_bus_emit_object_added(impl_->bus.get(), path.c_str()),
                           "InterfacesAdded", path);
@@ -685,7 +718,7 @@ void DbusServer::on_vm_added(const VmRecord& vm) {
 }
 
 void DbusServer::on_vm_changed(const VmRecord& vm) {
-  impl_->guard_observer("on_vm_changed", [&] {
+  impl_->guard_observer("on_vm_changed", [=, this] {
     const std::string path = vm_object_path(vm.id.str());
     impl_->warn_if_failed(
         sd_bus_emit_properties_changed(impl_->bus.get(), path.c_str(), kVmInterface.data(), "State",
@@ -696,14 +729,14 @@ void DbusServer::on_vm_changed(const VmRecord& vm) {
 }
 
 void DbusServer::on_vm_removed(const VmId& id) {
-  impl_->guard_observer("on_vm_removed", [&] {
+  impl_->guard_observer("on_vm_removed", [=, this] {
     const std::string path = vm_object_path(id.str());
     impl_->warn_if_failed(impl_->emit_removed(path, kVmInterface), "InterfacesRemoved", path);
   });
 }
 
 void DbusServer::on_job_added(const JobView& job) {
-  impl_->guard_observer("on_job_added", [&] {
+  impl_->guard_observer("on_job_added", [=, this] {
     const std::string path = job_object_path(job.id);
     impl_->warn_if_failed(sd_bus_emit_object_added(impl_->bus.get(), path.c_str()),
                           "InterfacesAdded", path);
@@ -715,7 +748,7 @@ void DbusServer::on_job_added(const JobView& job) {
 }
 
 void DbusServer::on_job_changed(const JobView& job) {
-  impl_->guard_observer("on_job_changed", [&] {
+  impl_->guard_observer("on_job_changed", [=, this] {
     const std::string path = job_object_path(job.id);
     impl_->warn_if_failed(
         sd_bus_emit_properties_changed(impl_->bus.get(), path.c_str(), kJobInterface.data(),
@@ -726,7 +759,7 @@ void DbusServer::on_job_changed(const JobView& job) {
 
 void DbusServer::on_job_removed(const JobView& job, const JobOutcome& outcome,
                                 const EventRecord& event) {
-  impl_->guard_observer("on_job_removed", [&] {
+  impl_->guard_observer("on_job_removed", [=, this] {
     const std::string path = job_object_path(job.id);
     const std::string error_name =
         outcome.error.is_ok() ? std::string() : dbus_error_name(outcome.error.code());
@@ -742,7 +775,7 @@ void DbusServer::on_job_removed(const JobView& job, const JobOutcome& outcome,
 
 void DbusServer::on_event(const EventRecord& event) {
   if (event.kind != "VmStateChanged") return;
-  impl_->guard_observer("on_event", [&] {
+  impl_->guard_observer("on_event", [=, this] {
     const auto payload = nlohmann::json::parse(event.payload_json, nullptr, false);
     if (!payload.is_object()) {
       impl_->log->warn("event {} has a payload that is not a JSON object; signal sent without it",

@@ -1,11 +1,11 @@
 #include "event_loop.h"
 
-#include <signal.h>
 #include <sys/eventfd.h>
 #include <systemd/sd-event.h>
 #include <unistd.h>
 
 #include <cerrno>
+#include <csignal>
 #include <cstdint>
 #include <cstring>
 #include <deque>
@@ -36,8 +36,8 @@ Status event_status(int r, std::string_view what) {
 }
 
 std::shared_ptr<spdlog::logger> log() {
-  static const auto logger = nm::logger("loop");
-  return logger;
+  static const auto kLogger = nm::logger("loop");
+  return kLogger;
 }
 
 template <typename F>
@@ -158,7 +158,7 @@ Status SdEventLoop::add_periodic(std::chrono::microseconds interval, std::functi
   return Status::ok();
 }
 
-Status SdEventLoop::on_signals(std::vector<int> signals, std::function<void(int)> fn) {
+Status SdEventLoop::on_signals(const std::vector<int>& signals, std::function<void(int)> fn) {
   sigset_t set;
   sigemptyset(&set);
   for (const int sig : signals) {

@@ -42,7 +42,7 @@ class SdEventLoop final : public LoopExecutor {
   // Loop thread (or before run()). Blocks `signals` in the calling thread (the thread that will
   // call run() must be that thread, and must do this before it starts other threads, which
   // inherit the mask) and delivers each one to `fn` on the loop through a signalfd.
-  Status on_signals(std::vector<int> signals, std::function<void(int signal)> fn);
+  Status on_signals(const std::vector<int>& signals, std::function<void(int signal)> fn);
 
   // Runs until exit(). OK when the loop ended through exit() (whatever the code; see
   // exit_code()), the sd-event failure otherwise.

@@ -965,7 +965,7 @@ class NodeServiceImpl final : public NodeService {
   // gone counts as done, so a delete interrupted by a crash can always finish.
   Status remove_from_hypervisor(const VmId& id, JobContext& ctx) {
     auto& hv = d_.hypervisor;
-    auto absent_ok = [](Status s) { return s.code() == Code::kNotFound ? Status::ok() : s; };
+    auto absent_ok = [](const Status& s) { return s.code() == Code::kNotFound ? Status::ok() : s; };
     NM_ASSIGN_OR_RETURN(auto dom, hv.get_domain(id));
     if (dom && is_ours(*dom, id)) {
       NM_RETURN_IF_ERROR(absent_ok(hv.destroy_domain(id)));
