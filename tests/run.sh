@@ -3,7 +3,8 @@
 #
 #   tests/run.sh           deps, ci build (warnings are errors), services, guest,
 #                          ctest -L 'unit|integration|system|e2e', ASan+UBSan build running the
-#                          unit and integration tiers, libFuzzer build running the fuzz tier
+#                          unit and integration tiers, libFuzzer build running the fuzz tier,
+#                          then tests/lint.sh (clang-format + clang-tidy)
 #   tests/run.sh --quick   ci build, unit + integration only (no services, guest, asan, fuzz)
 #
 # Environment (all optional):
@@ -138,5 +139,8 @@ if stage fuzz-configure cmake --preset fuzz "${build_fuzz[@]}" &&
   test_stage fuzz-tests ctest --test-dir "$dir_fuzz" -L fuzz --output-on-failure \
     --no-tests=error --timeout 600
 fi
+
+# Style gate: clang-format and clang-tidy over the sources (tests/lint.sh, ctest label lint).
+test_stage lint ctest "${ctest_ci[@]}" --test-dir "$dir_ci" -L lint --no-tests=error --timeout 900
 
 [ ${#failed[@]} -eq 0 ]
