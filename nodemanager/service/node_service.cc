@@ -164,7 +164,13 @@ class NodeServiceImpl final : public NodeService {
     NM_ASSIGN_OR_RETURN(auto overlays, d_.hypervisor.list_overlays());
     log_->info("start-up reconcile: {} VMs in the database, {} domains on the hypervisor",
                vms_.size(), domains.size());
+    NM_ASSIGN_OR_RETURN(auto unfinished, d_.store.unfinished_jobs());
+    for (auto& j : unfinished) {
+      const std::string key = j.kind == "import" ? "image:" + j.object_id : j.object_id;
+      interrupted_[key].push_back(std::move(j));
+    }
     reconcile_all(domains, overlays, epoch_counter_);
+    end_interrupted_jobs();
     return Status::ok();
   }
 
@@ -225,7 +231,7 @@ class NodeServiceImpl final : public NodeService {
     std::vector<EventRecord> events;
     NM_RETURN_IF_ERROR(commit(
         [&](StateTxn& txn) -> Status {
-          NM_ASSIGN_OR_RETURN(job_id, allocate_job(txn));
+          NM_ASSIGN_OR_RETURN(job_id, client_job(txn, "create", vm.id.str()));
           NM_RETURN_IF_ERROR(txn.put_vm(vm));
           NM_RETURN_IF_ERROR(put_reply(txn, rid, "CreateVm", fingerprint,
                                        {{"vm_id", vm.id.str()}, {"job_id", job_id}}));
@@ -243,14 +249,14 @@ class NodeServiceImpl final : public NodeService {
   }
 
   Result<uint32_t> start_vm(std::string_view ref, std::string_view request_id) override {
-    return power_request(ref, request_id, "StartVm", "", [&](VmRecord& vm, uint32_t id) {
+    return power_request(ref, request_id, "StartVm", "start", "", [&](VmRecord& vm, uint32_t id) {
       vm.power = PowerIntent::kRunning;
       return make_start_job(id, vm, "started");
     });
   }
 
   Result<uint32_t> stop_vm(std::string_view ref, bool force, std::string_view request_id) override {
-    return power_request(ref, request_id, "StopVm", force ? "force" : "graceful",
+    return power_request(ref, request_id, "StopVm", "stop", force ? "force" : "graceful",
                          [&](VmRecord& vm, uint32_t id) {
                            vm.power = PowerIntent::kStopped;
                            return make_stop_job(id, vm, force);
@@ -268,7 +274,7 @@ class NodeServiceImpl final : public NodeService {
     std::vector<EventRecord> events;
     NM_RETURN_IF_ERROR(commit(
         [&](StateTxn& txn) -> Status {
-          NM_ASSIGN_OR_RETURN(job_id, allocate_job(txn));
+          NM_ASSIGN_OR_RETURN(job_id, client_job(txn, "reboot", vm->id.str()));
           return put_reply(txn, rid, "RebootVm", fingerprint, {{"job_id", job_id}});
         },
         events));
@@ -302,7 +308,7 @@ class NodeServiceImpl final : public NodeService {
     uint32_t job_id = 0;
     NM_RETURN_IF_ERROR(commit(
         [&](StateTxn& txn) -> Status {
-          NM_ASSIGN_OR_RETURN(job_id, allocate_job(txn));
+          NM_ASSIGN_OR_RETURN(job_id, client_job(txn, "delete", next.id.str()));
           NM_RETURN_IF_ERROR(txn.put_vm(next));
           NM_RETURN_IF_ERROR(put_reply(txn, rid, "DeleteVm", fingerprint, {{"job_id", job_id}}));
           return append_state_event(txn, next, events);
@@ -360,7 +366,7 @@ class NodeServiceImpl final : public NodeService {
     std::vector<EventRecord> events;
     NM_RETURN_IF_ERROR(commit(
         [&](StateTxn& txn) -> Status {
-          NM_ASSIGN_OR_RETURN(job_id, allocate_job(txn));
+          NM_ASSIGN_OR_RETURN(job_id, client_job(txn, "import", ref.str()));
           return put_reply(txn, rid, "ImportImage", fingerprint, {{"job_id", job_id}});
         },
         events));
@@ -615,6 +621,45 @@ class NodeServiceImpl final : public NodeService {
     return static_cast<uint32_t>(id);
   }
 
+  // A job handed to a client: recorded until its JobRemoved, so that after a crash the
+  // reconciler can finish the work under the same id (see start()).
+  Result<uint32_t> client_job(StateTxn& txn, const std::string& kind, const std::string& object) {
+    NM_ASSIGN_OR_RETURN(uint32_t id, allocate_job(txn));
+    NM_RETURN_IF_ERROR(txn.put_job({id, kind, object, d_.clock.now_realtime_us()}));
+    return id;
+  }
+
+  // The id for a job the reconciler queues for `key`: a client's job that a crash interrupted
+  // (the newest one) when there is one, so that client still gets its JobRemoved; else a new id.
+  uint32_t job_id_for(const std::string& key) {
+    auto it = interrupted_.find(key);
+    if (it == interrupted_.end() || it->second.empty()) return next_internal_job_id();
+    const auto id = static_cast<uint32_t>(it->second.back().id);
+    it->second.pop_back();
+    if (it->second.empty()) interrupted_.erase(it);
+    return id;
+  }
+
+  // Ends the interrupted client jobs that the start-up reconcile did not need: the VM already
+  // is where the request wanted it ("done"); an import has to be sent again ("failed").
+  void end_interrupted_jobs() {
+    for (const auto& [key, jobs] : interrupted_) {
+      for (const auto& j : jobs) {
+        auto job = std::make_shared<Job>();
+        job->view = {static_cast<uint32_t>(j.id), j.kind, j.object_id, JobState::kRunning, 0.0};
+        const bool import = j.kind == "import";
+        const JobOutcome outcome =
+            import ? JobOutcome{"failed", unavailable("interrupted by a restart of nodemanagerd; "
+                                                      "import the image again")}
+                   : JobOutcome{"done", Status::ok()};
+        log_->info("job {} ({} {}) was interrupted by a restart: {}", j.id, j.kind, j.object_id,
+                   import ? "failed" : "nothing left to do");
+        record_job_end(job, outcome);
+      }
+    }
+    interrupted_.clear();
+  }
+
   Status append(StateTxn& txn, const std::string& kind, const std::string& object,
                 const json& payload, std::vector<EventRecord>& out) {
     NM_ASSIGN_OR_RETURN(EventRecord ev,
@@ -720,8 +765,8 @@ class NodeServiceImpl final : public NodeService {
 
   template <typename MakeJob>
   Result<uint32_t> power_request(std::string_view ref, std::string_view request_id,
-                                 const std::string& method, const std::string& variant,
-                                 MakeJob make_job) {
+                                 const std::string& method, const std::string& kind,
+                                 const std::string& variant, MakeJob make_job) {
     NM_ASSIGN_OR_RETURN(auto rid, parse_request_id(request_id));
     const std::string fingerprint = std::string(ref) + "\n" + variant;
     NM_ASSIGN_OR_RETURN(auto replayed, replay(rid, method, fingerprint));
@@ -737,7 +782,7 @@ class NodeServiceImpl final : public NodeService {
     std::vector<EventRecord> events;
     NM_RETURN_IF_ERROR(commit(
         [&](StateTxn& txn) -> Status {
-          NM_ASSIGN_OR_RETURN(job_id, allocate_job(txn));
+          NM_ASSIGN_OR_RETURN(job_id, client_job(txn, kind, next.id.str()));
           job = make_job(next, job_id);
           NM_RETURN_IF_ERROR(txn.put_vm(next));
           return put_reply(txn, rid, method, fingerprint, {{"job_id", job_id}});
@@ -873,7 +918,7 @@ class NodeServiceImpl final : public NodeService {
       n.deleting = true;
       n.generation += 1;
     });
-    enqueue(make_delete_job(next_internal_job_id(), vm));
+    enqueue(make_delete_job(job_id_for(vm.id.str()), vm));
   }
 
   std::unique_ptr<Job> make_start_job(uint32_t id, const VmRecord& vm, std::string reason) {
@@ -1125,8 +1170,26 @@ class NodeServiceImpl final : public NodeService {
     if (it == jobs_.end()) return std::nullopt;
     std::shared_ptr<Job> job = std::move(it->second);
     jobs_.erase(it);
+    record_job_end(job, outcome);
+    auto q = queues_.find(job->key);
+    if (q == queues_.end()) return std::nullopt;
+    auto& dq = q->second;
+    const bool was_head = !dq.empty() && dq.front() == id;
+    dq.erase(std::remove(dq.begin(), dq.end(), id), dq.end());
+    if (dq.empty()) {
+      queues_.erase(q);
+      return std::nullopt;
+    }
+    if (was_head) return dq.front();
+    return std::nullopt;
+  }
+
+  // The JobRemoved event of `job` (and the removal of its unfinished-job record), then observers.
+  void record_job_end(const std::shared_ptr<Job>& job, const JobOutcome& outcome) {
+    const uint32_t id = job->view.id;
     write(
-        [this, job, id, outcome](StateTxn& txn, std::vector<EventRecord>& events) {
+        [this, job, id, outcome](StateTxn& txn, std::vector<EventRecord>& events) -> Status {
+          NM_RETURN_IF_ERROR(txn.delete_job(id));
           return append(
               txn, "JobRemoved", std::to_string(id),
               json{{"job", id},
@@ -1144,17 +1207,6 @@ class NodeServiceImpl final : public NodeService {
           observer_->on_job_removed(job->view, outcome, events.empty() ? EventRecord{} : events[0]);
           publish(events);
         });
-    auto q = queues_.find(job->key);
-    if (q == queues_.end()) return std::nullopt;
-    auto& dq = q->second;
-    const bool was_head = !dq.empty() && dq.front() == id;
-    dq.erase(std::remove(dq.begin(), dq.end(), id), dq.end());
-    if (dq.empty()) {
-      queues_.erase(q);
-      return std::nullopt;
-    }
-    if (was_head) return dq.front();
-    return std::nullopt;
   }
 
   void set_progress(uint32_t id, double p) {
@@ -1206,7 +1258,7 @@ class NodeServiceImpl final : public NodeService {
   void handle_orphan(const std::string& uuid) {
     if (queues_.count(uuid)) return;
     if (opt_.orphan_policy == OrphanPolicy::kRemove) {
-      enqueue(make_orphan_job(next_internal_job_id(), uuid));
+      enqueue(make_orphan_job(job_id_for(uuid), uuid));
       return;
     }
     if (!reported_orphans_.insert(uuid).second) return;
@@ -1226,7 +1278,7 @@ class NodeServiceImpl final : public NodeService {
   // Drives one VM toward its desired state, given what libvirt shows (`d` null: no domain).
   void converge(VmRecord& vm, const DomainInfo* d) {
     if (vm.deleting) {
-      enqueue(make_delete_job(next_internal_job_id(), vm));
+      enqueue(make_delete_job(job_id_for(vm.id.str()), vm));
       return;
     }
     if (d && !d->owner) {
@@ -1237,7 +1289,7 @@ class NodeServiceImpl final : public NodeService {
     if (!d) {
       if (vm.power == PowerIntent::kRunning && vm.spec.autostart) {
         log_->info("vm '{}': domain missing; re-defining and starting it", vm.spec.name.str());
-        enqueue(make_start_job(next_internal_job_id(), vm, "restored after restart"));
+        enqueue(make_start_job(job_id_for(vm.id.str()), vm, "restored after restart"));
       } else {
         log_->info("vm '{}': domain missing; re-defining it", vm.spec.name.str());
         if (vm.power == PowerIntent::kRunning) {
@@ -1246,7 +1298,7 @@ class NodeServiceImpl final : public NodeService {
             n.generation += 1;
           });
         }
-        enqueue(make_define_job(next_internal_job_id(), vm, false));
+        enqueue(make_define_job(job_id_for(vm.id.str()), vm, false));
       }
       return;
     }
@@ -1257,7 +1309,7 @@ class NodeServiceImpl final : public NodeService {
         record_state(vm, actual, actual == "crashed" ? "crashed" : "stopped unexpectedly");
       }
       if (vm.spec.autostart && vm.state != "error") {
-        enqueue(make_start_job(next_internal_job_id(), vm, "restored desired power state"));
+        enqueue(make_start_job(job_id_for(vm.id.str()), vm, "restored desired power state"));
       } else if (!vm.spec.autostart) {
         record_state(vm, actual, "stopped outside nodemanager; autostart is off", [](VmRecord& n) {
           n.power = PowerIntent::kStopped;
@@ -1268,7 +1320,7 @@ class NodeServiceImpl final : public NodeService {
     }
     if (vm.power == PowerIntent::kStopped && actual == "running") {
       record_state(vm, actual, "started outside nodemanager; stopping it");
-      enqueue(make_stop_job(next_internal_job_id(), vm, false));
+      enqueue(make_stop_job(job_id_for(vm.id.str()), vm, false));
       return;
     }
     if (actual != vm.state && !(vm.state == "error" && down)) {
@@ -1300,6 +1352,8 @@ class NodeServiceImpl final : public NodeService {
   // taken before that is stale for the VM and must not drive the reconciler.
   std::map<std::string, uint64_t> epoch_;
   uint64_t epoch_counter_ = 0;
+  // Client jobs a crash interrupted, by key, until the start-up reconcile adopted or ended them.
+  std::map<std::string, std::vector<JobRecord>> interrupted_;
 };
 
 }  // namespace

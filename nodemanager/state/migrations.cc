@@ -49,6 +49,16 @@ CREATE TABLE meta (
 ) STRICT;
 INSERT INTO meta (key, value) VALUES ('last_event_seq', 0), ('last_job_id', 0);
 )sql"},
+    // Jobs a client was told about and that have not ended yet: after a restart the reconciler
+    // finishes their work under the same id, so a client waiting for JobRemoved still gets it.
+    Migration{2, R"sql(
+CREATE TABLE jobs (
+  id         INTEGER PRIMARY KEY,
+  kind       TEXT NOT NULL,
+  object_id  TEXT NOT NULL,
+  created_us INTEGER NOT NULL
+) STRICT;
+)sql"},
 };
 
 }  // namespace

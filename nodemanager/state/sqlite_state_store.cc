@@ -167,6 +167,8 @@ class SqliteTxn final : public StateTxn {
   Result<EventRecord> append_event(const std::string& kind, const std::string& object_id,
                                    const std::string& payload_json, uint64_t ts_us) override;
   Result<uint64_t> allocate_job_id() override;
+  Status put_job(const JobRecord& job) override;
+  Status delete_job(uint64_t id) override;
 
  private:
   SqliteStateStore& store_;
@@ -257,6 +259,21 @@ class SqliteStateStore final : public StateStore {
   }
 
   Result<uint64_t> last_event_seq() override { return meta_value("last_event_seq"); }
+
+  Result<std::vector<JobRecord>> unfinished_jobs() override {
+    NM_ASSIGN_OR_RETURN(Stmt s,
+                        stmt("SELECT id, kind, object_id, created_us FROM jobs ORDER BY id"));
+    std::vector<JobRecord> out;
+    for (;;) {
+      NM_ASSIGN_OR_RETURN(bool row, s.step());
+      if (!row) break;
+      out.push_back(JobRecord{.id = from_db(s.i64(0)),
+                              .kind = s.text(1),
+                              .object_id = s.text(2),
+                              .created_us = from_db(s.i64(3))});
+    }
+    return out;
+  }
 
   int schema_version() const override { return schema_version_; }
 
@@ -457,6 +474,20 @@ Result<EventRecord> SqliteTxn::append_event(const std::string& kind, const std::
 
 Result<uint64_t> SqliteTxn::allocate_job_id() {
   return store_.bump_meta("last_job_id");
+}
+
+Status SqliteTxn::put_job(const JobRecord& job) {
+  NM_ASSIGN_OR_RETURN(Stmt s, store_.stmt("INSERT INTO jobs (id, kind, object_id, created_us) "
+                                          "VALUES (?1, ?2, ?3, ?4)"));
+  s.bind(1, to_db(job.id)).bind(2, job.kind).bind(3, job.object_id).bind(4, to_db(job.created_us));
+  Status st = s.run();
+  if (!st.is_ok()) return st.with_context("put job " + std::to_string(job.id));
+  return Status::ok();
+}
+
+Status SqliteTxn::delete_job(uint64_t id) {
+  NM_ASSIGN_OR_RETURN(Stmt s, store_.stmt("DELETE FROM jobs WHERE id = ?1"));
+  return s.bind(1, to_db(id)).run();
 }
 
 }  // namespace

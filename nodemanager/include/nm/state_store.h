@@ -65,6 +65,15 @@ struct EventRecord {
   bool operator==(const EventRecord&) const = default;
 };
 
+// A job a client was given that has not ended (JobRemoved not yet recorded).
+struct JobRecord {
+  uint64_t id = 0;
+  std::string kind;
+  std::string object_id;
+  uint64_t created_us = 0;
+  bool operator==(const JobRecord&) const = default;
+};
+
 // Writes inside one transaction.
 class StateTxn {
  public:
@@ -78,6 +87,9 @@ class StateTxn {
                                            const std::string& payload_json, uint64_t ts_us) = 0;
   // A job id never handed out before on this node.
   virtual Result<uint64_t> allocate_job_id() = 0;
+  // Records a job a client was told about; removed with its JobRemoved (delete_job).
+  virtual Status put_job(const JobRecord& job) = 0;
+  virtual Status delete_job(uint64_t id) = 0;  // OK if absent
 };
 
 struct SqliteOptions {
@@ -101,6 +113,8 @@ class StateStore {
   // Events with seq > since, oldest first, at most `max`.
   virtual Result<std::vector<EventRecord>> events_since(uint64_t since, uint32_t max) = 0;
   virtual Result<uint64_t> last_event_seq() = 0;
+  // Jobs recorded with put_job() and not deleted: the ones a crash interrupted. Oldest first.
+  virtual Result<std::vector<JobRecord>> unfinished_jobs() = 0;
   // The schema version after migrations.
   virtual int schema_version() const = 0;
 };

@@ -484,6 +484,9 @@ TEST_F(NodeServiceTest, CrashMidCreateIsFinishedAtStartUp) {
   EXPECT_TRUE(hv_.overlay(r->vm_id.str()).has_value());
   EXPECT_EQ(state(r->vm_id), "stopped");
   EXPECT_EQ(service_->create_vm(spec("a"), "req-a")->vm_id, r->vm_id);
+  // The client's job id was adopted by the reconciler: whoever waits for it gets its end.
+  ASSERT_TRUE(obs_.finished.count(r->job_id));
+  EXPECT_EQ(obs_.finished[r->job_id].result, "done");
 }
 
 TEST_F(NodeServiceTest, CrashMidDeleteIsFinishedAtStartUp) {
@@ -498,6 +501,37 @@ TEST_F(NodeServiceTest, CrashMidDeleteIsFinishedAtStartUp) {
   EXPECT_FALSE(hv_.domain(id.str()).has_value());
   EXPECT_FALSE(hv_.overlay(id.str()).has_value());
   EXPECT_TRUE(service_->list_vms("").empty());
+  ASSERT_TRUE(obs_.finished.count(*job));
+  EXPECT_EQ(obs_.finished[*job].result, "done");
+  EXPECT_TRUE(store_->unfinished_jobs()->empty());
+}
+
+TEST_F(NodeServiceTest, InterruptedJobsWithNothingLeftToDoEndAtStartUp) {
+  options_.debug_job_delay = 10s;
+  open_service();
+  auto r = service_->create_vm(spec("a"), "");
+  ASSERT_TRUE(r.is_ok());
+  const auto path = dir_ / "slow-src";
+  std::ofstream(path) << "bytes";
+  UniqueFd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
+  // The import job is queued behind nothing, but the daemon "dies" before it is looked at.
+  auto import =
+      service_->import_image("late:1", std::move(fd), sha256_hex("other"), "disk", "", "");
+  ASSERT_TRUE(import.is_ok());
+  EXPECT_EQ(store_->unfinished_jobs()->size(), 2u);
+  options_.debug_job_delay = 0ms;
+  open_service();
+  ASSERT_TRUE(settle());
+  EXPECT_EQ(obs_.finished[r->job_id].result, "done");
+  ASSERT_TRUE(obs_.finished.count(*import));
+  EXPECT_TRUE(store_->unfinished_jobs()->empty());
+  // Every client job of the ring has exactly one JobRemoved.
+  auto ring = service_->events_since(0, 1000);
+  int removed_create = 0;
+  for (const auto& e : *ring) {
+    if (e.kind == "JobRemoved" && e.object_id == std::to_string(r->job_id)) ++removed_create;
+  }
+  EXPECT_EQ(removed_create, 1);
 }
 
 TEST_F(NodeServiceTest, ImagesInUseCannotBeRemoved) {

@@ -253,12 +253,40 @@ TEST_F(SqliteStateStoreTest, MigratesAnEmptyFileAndUsesWal) {
   std::ofstream(path_).close();
   ASSERT_EQ(fs::file_size(path_), 0u);
   open();
-  EXPECT_EQ(store_->schema_version(), 1);
+  EXPECT_EQ(store_->schema_version(), 2);
   ASSERT_TRUE(put(vm_named("web-1", kId1)).is_ok());
   EXPECT_TRUE(fs::exists(path_ + "-wal"));
   open();  // already migrated: a no-op
-  EXPECT_EQ(store_->schema_version(), 1);
+  EXPECT_EQ(store_->schema_version(), 2);
   EXPECT_EQ(store_->list_vms()->size(), 1u);
+}
+
+TEST_F(SqliteStateStoreTest, UnfinishedJobsSurviveAReopenUntilDeleted) {
+  open();
+  ASSERT_TRUE(store_
+                  ->transact([](StateTxn& txn) -> Status {
+                    NM_RETURN_IF_ERROR(txn.put_job({7, "create", kId1, kNow}));
+                    return txn.put_job({9, "delete", kId2, kNow + 1});
+                  })
+                  .is_ok());
+  // A rolled-back put leaves nothing.
+  EXPECT_FALSE(store_
+                   ->transact([](StateTxn& txn) -> Status {
+                     NM_RETURN_IF_ERROR(txn.put_job({11, "start", kId1, kNow}));
+                     return conflict("no");
+                   })
+                   .is_ok());
+  open();
+  auto jobs = store_->unfinished_jobs();
+  ASSERT_TRUE(jobs.is_ok());
+  ASSERT_EQ(jobs->size(), 2u);
+  EXPECT_EQ((*jobs)[0], (JobRecord{7, "create", kId1, kNow}));
+  EXPECT_EQ((*jobs)[1].id, 9u);
+  ASSERT_TRUE(store_->transact([](StateTxn& txn) { return txn.delete_job(7); }).is_ok());
+  ASSERT_TRUE(store_->transact([](StateTxn& txn) { return txn.delete_job(7); }).is_ok());
+  open();
+  ASSERT_EQ(store_->unfinished_jobs()->size(), 1u);
+  EXPECT_EQ(store_->unfinished_jobs()->front().kind, "delete");
 }
 
 TEST_F(SqliteStateStoreTest, RefusesADatabaseFromANewerNodemanager) {
