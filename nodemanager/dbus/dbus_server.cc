@@ -301,18 +301,17 @@ struct DbusServer::Impl {
       const char* tenant = nullptr;
       int r = sd_bus_message_read(m, "s", &tenant);
       if (r < 0) return r;
-      const auto vms = self.service.list_vms(tenant);
       sd_bus_message* raw = nullptr;
       r = sd_bus_message_new_method_return(m, &raw);
       MessagePtr reply(raw);
       if (r < 0) return r;
       r = sd_bus_message_open_container(reply.get(), 'a', "(sssstt)");
-      for (size_t i = 0; r >= 0 && i < vms.size(); ++i) {
-        const VmRecord& vm = vms[i];
+      self.service.visit_vms(tenant, [&](const VmRecord& vm) {
+        if (r < 0) return;
         r = sd_bus_message_append(reply.get(), "(sssstt)", vm.id.str().c_str(),
                                   vm.spec.name.str().c_str(), vm.spec.tenant.str().c_str(),
                                   vm.state.c_str(), vm.generation, vm.observed_generation);
-      }
+      });
       if (r >= 0) r = sd_bus_message_close_container(reply.get());
       if (r >= 0) r = sd_bus_send(nullptr, reply.get(), nullptr);
       return r;

@@ -328,14 +328,21 @@ class NodeServiceImpl final : public NodeService {
 
   std::vector<VmRecord> list_vms(std::string_view tenant) const override {
     std::vector<VmRecord> out;
-    out.reserve(vms_.size());
-    for (const auto& [id, vm] : vms_) {
-      if (tenant.empty() || vm.spec.tenant.str() == tenant) out.push_back(vm);
-    }
-    std::sort(out.begin(), out.end(), [](const VmRecord& a, const VmRecord& b) {
-      return std::tie(a.spec.tenant, a.spec.name) < std::tie(b.spec.tenant, b.spec.name);
-    });
+    visit_vms(tenant, [&](const VmRecord& vm) { out.push_back(vm); });
     return out;
+  }
+
+  void visit_vms(std::string_view tenant,
+                 const std::function<void(const VmRecord&)>& fn) const override {
+    std::vector<const VmRecord*> sorted;
+    sorted.reserve(vms_.size());
+    for (const auto& [id, vm] : vms_) {
+      if (tenant.empty() || vm.spec.tenant.str() == tenant) sorted.push_back(&vm);
+    }
+    std::sort(sorted.begin(), sorted.end(), [](const VmRecord* a, const VmRecord* b) {
+      return std::tie(a->spec.tenant, a->spec.name) < std::tie(b->spec.tenant, b->spec.name);
+    });
+    for (const VmRecord* vm : sorted) fn(*vm);
   }
 
   // ---------------------------------------------------------------- images

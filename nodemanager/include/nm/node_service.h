@@ -7,6 +7,7 @@
 
 #include <chrono>
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <memory>
 #include <optional>
@@ -105,6 +106,12 @@ class NodeService {
   virtual Result<VmRecord> get_vm(std::string_view vm) const = 0;
   // Sorted by tenant, then name. Empty tenant: all.
   virtual std::vector<VmRecord> list_vms(std::string_view tenant) const = 0;
+  // The same VMs in the same order, without copying them (the ListVms fast path). `fn` must not
+  // call back into the service.
+  virtual void visit_vms(std::string_view tenant,
+                         const std::function<void(const VmRecord&)>& fn) const {
+    for (const auto& vm : list_vms(tenant)) fn(vm);
+  }
 
   // ---- Images ----
   virtual Result<uint32_t> import_image(std::string_view image, UniqueFd data,
