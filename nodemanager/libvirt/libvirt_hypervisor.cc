@@ -104,33 +104,6 @@ Status libvirt_status(std::string_view what, virConnectPtr conn = nullptr) {
   return {mapped, std::move(message)};
 }
 
-std::string xml_escape(std::string_view in) {
-  std::string out;
-  out.reserve(in.size());
-  for (const char ch : in) {
-    switch (ch) {
-      case '&':
-        out += "&amp;";
-        break;
-      case '<':
-        out += "&lt;";
-        break;
-      case '>':
-        out += "&gt;";
-        break;
-      case '"':
-        out += "&quot;";
-        break;
-      case '\'':
-        out += "&apos;";
-        break;
-      default:
-        out += ch;
-    }
-  }
-  return out;
-}
-
 // What libvirt makes of a directory path: repeated '/' collapsed, no trailing '/'.
 std::string sanitize_path(std::string_view in) {
   std::string out;

@@ -8,11 +8,8 @@
 #include <vector>
 
 namespace nm {
-namespace {
 
-// Escapes text for both element content and attribute values. Characters XML 1.0 cannot carry
-// at all (C0 controls other than tab, newline and carriage return) become '?'.
-std::string escape(std::string_view s) {
+std::string xml_escape(std::string_view s) {
   std::string out;
   out.reserve(s.size());
   for (char c : s) {
@@ -47,11 +44,15 @@ std::string escape(std::string_view s) {
   }
   return out;
 }
+namespace {
+
+// Escapes text for both element content and attribute values. Characters XML 1.0 cannot carry
+// at all (C0 controls other than tab, newline and carriage return) become '?'.
 
 using Attrs = std::initializer_list<std::pair<std::string_view, std::string_view>>;
 
 // A minimal indenting XML writer. Element and attribute names are our constants; every value
-// goes through escape().
+// goes through xml_escape().
 class XmlWriter {
  public:
   void open(std::string_view name, Attrs attrs = {}) {
@@ -71,7 +72,7 @@ class XmlWriter {
   }
   void text(std::string_view name, std::string_view value, Attrs attrs = {}) {
     start_tag(name, attrs);
-    out_ += ">" + escape(value) + "</" + std::string(name) + ">\n";
+    out_ += ">" + xml_escape(value) + "</" + std::string(name) + ">\n";
   }
   std::string take() { return std::move(out_); }
 
@@ -84,7 +85,7 @@ class XmlWriter {
     for (const auto& [k, v] : attrs) {
       out_ += " ";
       out_ += k;
-      out_ += "='" + escape(v) + "'";
+      out_ += "='" + xml_escape(v) + "'";
     }
   }
 
@@ -175,8 +176,9 @@ std::string domain_name(const VmSpec& spec) {
 }
 
 std::string render_owner_metadata(const DomainOwner& owner) {
-  return "<vm id=\"" + escape(owner.vm_id.str()) + "\" tenant=\"" + escape(owner.tenant.str()) +
-         "\" generation=\"" + std::to_string(owner.generation) + "\"/>";
+  return "<vm id=\"" + xml_escape(owner.vm_id.str()) + "\" tenant=\"" +
+         xml_escape(owner.tenant.str()) + "\" generation=\"" + std::to_string(owner.generation) +
+         "\"/>";
 }
 
 std::string render_domain_xml(const DomainXmlInput& in) {

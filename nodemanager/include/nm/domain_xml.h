@@ -5,6 +5,7 @@
 #include <cstdint>
 #include <optional>
 #include <string>
+#include <string_view>
 
 #include "nm/core/ids.h"
 #include "nm/core/status.h"
@@ -28,6 +29,11 @@ struct DomainXmlInput {
   std::optional<std::string> initrd_path;
   std::string serial_log_path;  // the guest's serial console is written here
 };
+
+// Escapes text for an XML text node or attribute value (either quote style): & < > " ' and
+// tab/newline/CR as character references; other control characters, which XML 1.0 cannot carry,
+// become '?'. Every value nodemanager puts into libvirt XML goes through it.
+std::string xml_escape(std::string_view text);
 
 // The libvirt domain name for a VM: "nm-<name>".
 std::string domain_name(const VmSpec& spec);
