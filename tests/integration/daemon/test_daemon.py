@@ -573,3 +573,52 @@ class Introspection(NodeTestCase):
 
 if __name__ == "__main__":
     unittest.main(verbosity=2)
+
+
+class Systemd(unittest.TestCase):
+    """sd_notify as systemd would see it: READY=1 only once the bus name is owned."""
+
+    def setUp(self):
+        self.node = harness.Node()
+        self.node.start_bus()
+        self.proc = None
+
+    def tearDown(self):
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+        self.node.close()
+
+    def test_ready_comes_after_the_bus_name_and_sigterm_exits_cleanly(self):
+        import socket
+        path = os.path.join(self.node.tmp, "notify")
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        sock.bind(path)
+        sock.settimeout(20)
+        env = dict(os.environ, NOTIFY_SOCKET=path)
+        log = open(os.path.join(self.node.tmp, "notify-daemon.log"), "w")
+        self.proc = subprocess.Popen(
+            [self.node.daemon_bin, "--bus", self.node.address, "--libvirt-uri", "test:///default",
+             "--state-dir", self.node.state_dir, "--config", "/dev/null"],
+            stdout=subprocess.DEVNULL, stderr=log, env=env)
+        messages = []
+        while not any("READY=1" in m for m in messages):
+            messages.append(sock.recv(4096).decode())
+        # At READY the name is owned: the very first call succeeds, without retrying.
+        listed = self.node.nodectl("vm", "list")
+        self.assertEqual(listed.rc, 0, listed)
+        statuses = [line for m in messages for line in m.splitlines() if line.startswith("STATUS=")]
+        self.assertIn("STATUS=reconciling", statuses)
+        self.assertTrue(any(s.startswith("STATUS=serving") for s in statuses), statuses)
+        self.proc.send_signal(signal.SIGTERM)
+        self.assertEqual(self.proc.wait(timeout=15), 0)
+        after = []
+        sock.settimeout(2)
+        try:
+            while True:
+                after.append(sock.recv(4096).decode())
+        except socket.timeout:
+            pass
+        self.assertTrue(any("STOPPING=1" in m for m in after), after)
+        sock.close()
+        log.close()
