@@ -27,7 +27,7 @@ Result<ParseOutcome> parse_daemon_config(int argc, const char* const* argv, Daem
     ("stop-timeout-ms", po::value(&c.stop_timeout_ms)->default_value(c.stop_timeout_ms), "graceful stop: wait this long before forcing power-off")
     ("audit-interval-ms", po::value(&c.audit_interval_ms)->default_value(c.audit_interval_ms), "periodic reconcile of libvirt against the database")
     ("orphan-policy", po::value(&orphan_policy)->default_value(orphan_policy), "report or remove domains/overlays marked as ours that the database does not know")
-    ("workers", po::value(&c.workers)->default_value(c.workers), "threads for blocking libvirt and image work")
+    ("workers", po::value(&c.workers)->default_value(c.workers), "most threads for blocking libvirt and image work (started on demand; a graceful stop holds one while it waits)")
     ("event-capacity", po::value(&c.event_capacity)->default_value(c.event_capacity), "events kept for GetEvents replay")
     ("debug-job-delay-ms", po::value(&c.debug_job_delay_ms)->default_value(0), "testing only: pause between job steps");
   // clang-format on

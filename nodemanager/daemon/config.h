@@ -23,7 +23,7 @@ struct DaemonConfig {
   uint32_t stop_timeout_ms = 60000;          // graceful stop before forcing
   uint32_t audit_interval_ms = 30000;        // periodic reconcile
   OrphanPolicy orphan_policy = OrphanPolicy::kReport;
-  uint32_t workers = 8;             // threads for blocking libvirt/image work
+  uint32_t workers = 64;            // most threads for blocking work (started on demand)
   uint32_t event_capacity = 10000;  // events kept for GetEvents replay
   uint32_t debug_job_delay_ms = 0;  // tests only: widen crash windows
 };

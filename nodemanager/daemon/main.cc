@@ -104,6 +104,8 @@ int run(const nm::DaemonConfig& cfg) {
   auto server = nm::DbusServer::create(ev, cfg.bus, *service);
   if (!server.is_ok()) return fail(log, "connecting to the bus", server.status());
 
+  log->info("domain type '{}'",
+            cfg.domain_type.empty() ? (*hypervisor)->default_domain_type() : cfg.domain_type);
   notify_status("reconciling");
   if (auto s = service->start(); !s.is_ok()) return fail(log, "start-up reconcile", s);
   if (auto s = (*server)->request_name(); !s.is_ok()) {

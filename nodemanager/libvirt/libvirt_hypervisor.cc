@@ -421,7 +421,7 @@ Result<std::unique_ptr<LibvirtHypervisor>> LibvirtHypervisor::create(
 
   NM_ASSIGN_OR_RETURN(auto conn, hv->connection());
   NM_ASSIGN_OR_RETURN(PoolPtr pool, ensure_pool(conn->get(), hv->options_, hv->pool_mu_));
-  lv_log()->info("connected to '{}' (domain type '{}'), overlays in pool '{}' at '{}'",
+  lv_log()->info("connected to '{}' (its default domain type '{}'), overlays in pool '{}' at '{}'",
                  hv->options_.uri, hv->default_domain_type(), hv->options_.pool_name,
                  hv->options_.pool_dir);
   return hv;

@@ -15,11 +15,12 @@ class LoopExecutor {
   virtual void post(std::function<void()> fn) = 0;
 };
 
-// A fixed set of threads for blocking work.
+// Threads for blocking work. Threads start on demand, when every running one is busy, up to
+// `max_threads`; they then stay for the pool's life. A job that waits (a graceful stop waits up
+// to its timeout) therefore never delays work for other VMs until that many wait at once.
 class WorkerPool {
  public:
-  // Starts `threads` threads.
-  explicit WorkerPool(unsigned threads);
+  explicit WorkerPool(unsigned max_threads);
   // Discards work that has not started, waits for running work, then joins.
   ~WorkerPool();
   WorkerPool(const WorkerPool&) = delete;

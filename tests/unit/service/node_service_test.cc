@@ -11,6 +11,7 @@
 #include <deque>
 #include <filesystem>
 #include <fstream>
+#include <future>
 #include <mutex>
 #include <nlohmann/json.hpp>
 
@@ -800,6 +801,44 @@ TEST_F(NodeServiceTest, ReusingARequestIdForAnotherMethodIsAConflict) {
   EXPECT_EQ(service_->stop_vm("a", false, "req-x").status().code(), Code::kConflict);
   EXPECT_EQ(service_->delete_vm("a", "req-x").status().code(), Code::kConflict);
   settle();
+}
+
+TEST(WorkerPool, GrowsWhileEveryThreadIsBusyButNotPastItsLimit) {
+  std::mutex mu;
+  std::condition_variable cv;
+  bool release = false;
+  auto blocker = [&] {
+    std::unique_lock lock(mu);
+    cv.wait(lock, [&] { return release; });
+  };
+  {
+    WorkerPool pool(3);
+    pool.submit(blocker);
+    pool.submit(blocker);
+    std::promise<void> third;
+    pool.submit([&] { third.set_value(); });  // two threads wait: a third one starts
+    EXPECT_EQ(third.get_future().wait_for(5s), std::future_status::ready);
+    {
+      std::lock_guard lock(mu);
+      release = true;
+    }
+    cv.notify_all();
+  }
+  release = false;
+  {
+    WorkerPool pool(1);
+    pool.submit(blocker);
+    std::promise<void> second;
+    auto second_done = second.get_future();
+    pool.submit([&] { second.set_value(); });  // at the limit: waits for the only thread
+    EXPECT_EQ(second_done.wait_for(200ms), std::future_status::timeout);
+    {
+      std::lock_guard lock(mu);
+      release = true;
+    }
+    cv.notify_all();
+    EXPECT_EQ(second_done.wait_for(5s), std::future_status::ready);
+  }
 }
 
 }  // namespace
