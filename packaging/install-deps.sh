@@ -17,8 +17,9 @@ runtime_pkgs=(
   libvirt-daemon-system libvirt-clients qemu-system-x86 qemu-utils
   dbus dnsmasq-base iproute2 nftables
 )
+# systemd: busctl for the D-Bus tests (the package only; it does not become PID 1).
 test_pkgs=(
-  libvirt-dbus busybox-static linux-image-cloud-amd64 cpio kmod python3 procps psmisc
+  libvirt-dbus busybox-static linux-image-cloud-amd64 cpio kmod python3 procps psmisc systemd
 )
 
 pkgs=()
@@ -56,5 +57,6 @@ fi
 trap '[ "$created_policy" = 1 ] && rm -f "$policy"' EXIT
 apt-get update -qq
 # --force-confold: libvirt-daemon-system must not stop on a prompt when qemu.conf was edited.
-apt-get install -y -qq --no-install-recommends \
+# Dpkg::Use-Pty=0: no '(Reading database ... 5%' progress flooding logs and CI output.
+apt-get install -y -qq --no-install-recommends -o Dpkg::Use-Pty=0 \
   -o Dpkg::Options::=--force-confold -o Dpkg::Options::=--force-confdef "${missing[@]}"

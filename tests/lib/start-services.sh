@@ -12,7 +12,8 @@
 #
 # Needs root. Host changes it makes (and leaves in place, they are harmless and needed again next
 # time): the user 'libvirt-qemu' (group 'kvm') if missing, `user = "root"` and `group = "root"` in
-# /etc/libvirt/qemu.conf, /var/log/libvirt, /run/dbus.
+# /etc/libvirt/qemu.conf (plus `namespaces = []` when '/' is not a mount point, as in a chroot),
+# /var/log/libvirt, /run/dbus.
 #
 # Exit status: 0 when libvirtd answers on qemu:///system, non-zero otherwise (with a reason).
 
@@ -52,6 +53,12 @@ nm_start_services() (
   # No systemd, no cgroup delegation, no DAC relabelling to another user: QEMU runs as root.
   grep -qE '^user = "root"' "$conf" || echo 'user = "root"' >>"$conf"
   grep -qE '^group = "root"' "$conf" || echo 'group = "root"' >>"$conf"
+  # In a plain chroot '/' is no mount point, and QEMU's private mount namespace fails with
+  # "Failed disable mount propagation out of the root filesystem": run QEMU without it there.
+  if ! mountpoint -q / && ! grep -qE '^namespaces *=' "$conf"; then
+    say "'/' is not a mount point (a chroot?): setting namespaces = [] in '$conf'"
+    echo 'namespaces = []' >>"$conf"
+  fi
   mkdir -p /var/log/libvirt "$logdir" /run/dbus
 
   # --- system D-Bus ---
