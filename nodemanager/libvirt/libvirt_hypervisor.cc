@@ -77,9 +77,10 @@ Status libvirt_status(std::string_view what, virConnectPtr conn = nullptr) {
 
   Code mapped = Code::kInternal;
   switch (code) {
+    // Not VIR_ERR_NO_STORAGE_POOL: callers read NotFound as "the thing is already gone", and a
+    // vanished pool says nothing about the volume in it.
     case VIR_ERR_NO_DOMAIN:
     case VIR_ERR_NO_STORAGE_VOL:
-    case VIR_ERR_NO_STORAGE_POOL:
       mapped = Code::kNotFound;
       break;
     case VIR_ERR_OPERATION_INVALID:
@@ -584,8 +585,9 @@ Status LibvirtHypervisor::destroy_domain(const VmId& id) {
     Status s = libvirt_status("destroy domain '" + id.str() + "'", c->get());
     if (s.code() == Code::kConflict || s.code() == Code::kNotFound) {
       // Stopped meanwhile, or a transient domain that vanished with its stop.
+      // Only a domain seen inactive (or gone) counts as destroyed; a failed check does not.
       Result<bool> now = is_active(dom.get(), c->get(), id);
-      if (!now.is_ok() || !*now) return Status::ok();
+      if (now.is_ok() ? !*now : now.status().code() == Code::kNotFound) return Status::ok();
     }
     return s;
   }
@@ -691,8 +693,11 @@ Status LibvirtHypervisor::delete_overlay(const VmId& id) {
     return libvirt_status("look up overlay '" + name + "'", c->get());
   }
   if (virStorageVolDelete(vol.get(), 0) < 0) {
-    Status s = libvirt_status("delete overlay '" + name + "'", c->get());
-    return s.code() == Code::kNotFound ? Status::ok() : s;
+    if (last_error_code() == VIR_ERR_NO_STORAGE_VOL) {  // deleted by someone else meanwhile
+      virResetLastError();
+      return Status::ok();
+    }
+    return libvirt_status("delete overlay '" + name + "'", c->get());
   }
   return Status::ok();
 }

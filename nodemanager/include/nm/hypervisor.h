@@ -119,7 +119,8 @@ class Hypervisor {
   virtual Result<std::vector<VmId>> list_overlays() = 0;
 
   using EventHandler = std::function<void(const DomainEvent&)>;
-  // Installs the lifecycle-event handler (replacing any previous one).
+  // Installs the lifecycle-event handler (replacing any previous one). A replaced handler may
+  // still be completing a call on the event thread; only destroying the adapter waits for it.
   virtual void set_event_handler(EventHandler handler) = 0;
 };
 
