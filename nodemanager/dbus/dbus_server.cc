@@ -154,6 +154,9 @@ struct DbusServer::Impl {
       self->log->error("{} threw a non-standard exception", member_of(m));
       r = internal_error_reply(m);
     }
+    // A body that failed before replying: answer now, so that even the error precedes the
+    // signals (sd-bus would otherwise send it after they were flushed).
+    if (r < 0) r = sd_bus_reply_method_errno(m, r, nullptr);
     --self->in_method;
     self->flush_deferred();
     return r;

@@ -69,7 +69,8 @@ struct CreateVmReply {
 };
 
 // Called on the loop thread when things change; the D-Bus layer turns them into objects,
-// PropertiesChanged and signals.
+// PropertiesChanged and signals (during a method call it sends them after the reply, reading the
+// objects' state then: so one service call never adds and removes the same object).
 class ServiceObserver {
  public:
   virtual ~ServiceObserver() = default;
