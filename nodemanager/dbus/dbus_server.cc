@@ -450,9 +450,8 @@ struct DbusServer::Impl {
     auto* self = static_cast<Impl*>(ud);
     try {
       std::vector<std::string> paths;
-      for (const VmRecord& vm : self->service.list_vms("")) {
-        paths.push_back(vm_object_path(vm.id.str()));
-      }
+      self->service.visit_vms(
+          "", [&](const VmRecord& vm) { paths.push_back(vm_object_path(vm.id.str())); });
       return to_strv(paths, nodes);
     } catch (const std::exception& e) {
       self->log->error("listing VM objects threw: {}", e.what());

@@ -1312,17 +1312,18 @@ class NodeServiceImpl final : public NodeService {
     const std::string actual = observed_state(d->state);
     const bool down = actual == "stopped" || actual == "crashed";
     if (vm.power == PowerIntent::kRunning && down) {
-      if (actual != vm.state && vm.state != "error") {
-        record_state(vm, actual, actual == "crashed" ? "crashed" : "stopped unexpectedly");
-      }
-      if (vm.spec.autostart && vm.state != "error") {
-        enqueue(make_start_job(job_id_for(vm.id.str()), vm, "restored desired power state"));
-      } else if (!vm.spec.autostart) {
+      if (!vm.spec.autostart) {
         record_state(vm, actual, "stopped outside nodemanager; autostart is off", [](VmRecord& n) {
           n.power = PowerIntent::kStopped;
           n.generation += 1;
         });
+        return;
       }
+      if (vm.state == "error") return;  // a failed start waits for an explicit one
+      if (actual != vm.state) {
+        record_state(vm, actual, actual == "crashed" ? "crashed" : "stopped unexpectedly");
+      }
+      enqueue(make_start_job(job_id_for(vm.id.str()), vm, "restored desired power state"));
       return;
     }
     if (vm.power == PowerIntent::kStopped && actual == "running") {
