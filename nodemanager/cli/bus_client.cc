@@ -109,6 +109,7 @@ struct BusClient::Impl {
   SlotPtr owner_slot;
   SlotPtr state_slot;
   SlotPtr event_job_slot;
+  SlotPtr event_other_slot;
 
   std::map<std::string, JobOutcome> ended;  // JobRemoved seen, by job path
   bool daemon_gone = false;
@@ -356,6 +357,58 @@ Result<std::string> BusClient::import_image(const std::string& image, int fd,
                                  "ImportImage");
 }
 
+Result<std::string> BusClient::create_network(const std::string& spec_json,
+                                              const std::string& request_id) {
+  return impl_->read_object_path(impl_->call_manager("CreateNetwork",
+                                                     [&](sd_bus_message* m) {
+                                                       return sd_bus_message_append(
+                                                           m, "ss", spec_json.c_str(),
+                                                           request_id.c_str());
+                                                     }),
+                                 "CreateNetwork");
+}
+
+Result<std::string> BusClient::delete_network(const std::string& name,
+                                              const std::string& request_id) {
+  return impl_->read_object_path(
+      impl_->call_manager("DeleteNetwork",
+                          [&](sd_bus_message* m) {
+                            return sd_bus_message_append(m, "ss", name.c_str(), request_id.c_str());
+                          }),
+      "DeleteNetwork");
+}
+
+Result<std::string> BusClient::get_network(const std::string& name) {
+  auto reply = impl_->call_manager(
+      "GetNetwork", [&](sd_bus_message* m) { return sd_bus_message_append(m, "s", name.c_str()); });
+  if (!reply) return reply.status();
+  const char* doc = nullptr;
+  const int r = sd_bus_message_read(reply->get(), "s", &doc);
+  if (r < 0) return read_status(r, "GetNetwork");
+  return std::string(doc);
+}
+
+Result<std::vector<NetworkRow>> BusClient::list_networks(const std::string& tenant) {
+  auto reply = impl_->call_manager("ListNetworks", [&](sd_bus_message* m) {
+    return sd_bus_message_append(m, "s", tenant.c_str());
+  });
+  if (!reply) return reply.status();
+  sd_bus_message* m = reply->get();
+  int r = sd_bus_message_enter_container(m, 'a', "(sssuus)");
+  if (r < 0) return read_status(r, "ListNetworks");
+  std::vector<NetworkRow> rows;
+  for (;;) {
+    const char *name = nullptr, *ten = nullptr, *subnet = nullptr, *state = nullptr;
+    uint32_t vni = 0, ports = 0;
+    r = sd_bus_message_read(m, "(sssuus)", &name, &ten, &subnet, &vni, &ports, &state);
+    if (r < 0) return read_status(r, "ListNetworks");
+    if (r == 0) break;
+    rows.push_back(NetworkRow{
+        .name = name, .tenant = ten, .subnet = subnet, .vni = vni, .ports = ports, .state = state});
+  }
+  return rows;
+}
+
 Result<std::vector<ImageRow>> BusClient::list_images() {
   auto reply = impl_->call_manager("ListImages", nullptr);
   if (!reply) return reply.status();
@@ -492,7 +545,10 @@ Result<JobOutcome> BusClient::wait_job(const std::string& job, Deadline deadline
 Status BusClient::watch_events() {
   NM_RETURN_IF_ERROR(
       impl_->add_match(&impl_->state_slot, kService, "VmStateChanged", &Impl::on_event_signal));
-  return impl_->add_match(&impl_->event_job_slot, kService, "JobRemoved", &Impl::on_event_signal);
+  NM_RETURN_IF_ERROR(
+      impl_->add_match(&impl_->event_job_slot, kService, "JobRemoved", &Impl::on_event_signal));
+  return impl_->add_match(&impl_->event_other_slot, kService, "EventAppended",
+                          &Impl::on_event_signal);
 }
 
 Result<uint64_t> BusClient::wait_event_signal(Deadline deadline) {

@@ -60,6 +60,11 @@ class BusClient {
   Result<std::vector<ImageRow>> list_images();
   Status remove_image(const std::string& image, const std::string& request_id);
   Result<EventPage> get_events(uint64_t since, uint32_t max);
+  // Tenant networks; the job-starting ones return the job's object path.
+  Result<std::string> create_network(const std::string& spec_json, const std::string& request_id);
+  Result<std::string> delete_network(const std::string& name, const std::string& request_id);
+  Result<std::string> get_network(const std::string& name);
+  Result<std::vector<NetworkRow>> list_networks(const std::string& tenant);
 
   // ---- Jobs ----
   // Subscribes to JobRemoved and to the daemon's name owner changes. Call BEFORE the method
@@ -72,7 +77,8 @@ class BusClient {
   Result<JobOutcome> wait_job(const std::string& job, Deadline deadline);
 
   // ---- Event stream ----
-  // Subscribes to VmStateChanged and JobRemoved. Call BEFORE get_events() for a gap-free stream.
+  // Subscribes to VmStateChanged, JobRemoved and EventAppended. Call BEFORE get_events() for a
+  // gap-free stream.
   Status watch_events();
   // Waits for at least one signal and returns the highest seq seen since the last call (0 on
   // deadline). Signals carry only the newest seq; the caller fetches the events with get_events.

@@ -199,6 +199,61 @@ std::string vm_show_json(std::string_view vm_json) {
   return dump(doc);
 }
 
+std::string network_list_table(const std::vector<NetworkRow>& networks) {
+  std::vector<std::vector<std::string>> rows;
+  rows.reserve(networks.size());
+  for (const auto& n : networks) {
+    rows.push_back(
+        {n.name, n.tenant, std::to_string(n.vni), n.subnet, std::to_string(n.ports), n.state});
+  }
+  return render_table({"NAME", "TENANT", "VNI", "SUBNET", "PORTS", "STATE"}, rows);
+}
+
+std::string network_list_json(const std::vector<NetworkRow>& networks) {
+  json arr = json::array();
+  for (const auto& n : networks) {
+    arr.push_back({{"name", n.name},
+                   {"tenant", n.tenant},
+                   {"vni", n.vni},
+                   {"subnet", n.subnet},
+                   {"ports", n.ports},
+                   {"state", n.state}});
+  }
+  return dump(arr);
+}
+
+std::string network_show_text(std::string_view network_json) {
+  const json doc = json::parse(network_json, nullptr, false);
+  if (doc.is_discarded() || !doc.is_object()) return std::string(network_json) + "\n";
+  std::vector<std::pair<std::string, std::string>> lines;
+  for (const auto& [key, value] : doc.items()) {
+    if (key == "ports" && value.is_array()) continue;
+    if (key == "peers" && value.is_array()) {
+      std::string peers;
+      for (const auto& p : value) peers += (peers.empty() ? "" : ", ") + scalar_text(p);
+      lines.emplace_back(key, peers.empty() ? "-" : peers);
+      continue;
+    }
+    lines.emplace_back(key, scalar_text(value));
+  }
+  if (const auto ports = doc.find("ports"); ports != doc.end() && ports->is_array()) {
+    for (const auto& p : *ports) {
+      lines.emplace_back("port " + scalar_text(p.value("hostname", json(""))),
+                         scalar_text(p.value("ip", json(""))) + " " +
+                             scalar_text(p.value("mac", json(""))) + " " +
+                             scalar_text(p.value("ifname", json(""))) + " vm " +
+                             scalar_text(p.value("vm_id", json(""))));
+    }
+  }
+  size_t w = 0;
+  for (const auto& l : lines) w = std::max(w, l.first.size());
+  std::string out;
+  for (const auto& [k, v] : lines) {
+    out.append(k).append(":").append(w - k.size() + 1, ' ').append(v).append("\n");
+  }
+  return out;
+}
+
 std::string image_list_table(const std::vector<ImageRow>& images) {
   std::vector<std::vector<std::string>> rows;
   rows.reserve(images.size());

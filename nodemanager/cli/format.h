@@ -68,6 +68,15 @@ struct ImageRow {  // ListImages: a(sssstts)
   std::string tenant = {};
 };
 
+struct NetworkRow {  // ListNetworks: a(sssuus)
+  std::string name = {};
+  std::string tenant = {};
+  std::string subnet = {};
+  uint32_t vni = 0;
+  uint32_t ports = 0;
+  std::string state = {};
+};
+
 struct EventRow {  // GetEvents: a(ttsss), or a signal turned into the same shape
   uint64_t seq = 0;
   uint64_t ts_us = 0;
@@ -99,6 +108,10 @@ std::string vm_show_text(std::string_view vm_json);
 // `vm show --json`: GetVm's JSON re-serialized on one line (the raw text if it does not parse).
 std::string vm_show_json(std::string_view vm_json);
 
+std::string network_list_table(const std::vector<NetworkRow>& networks);
+std::string network_list_json(const std::vector<NetworkRow>& networks);
+// GetNetwork's document as "key: value" lines, one line per port ("port <hostname>: ...").
+std::string network_show_text(std::string_view network_json);
 std::string image_list_table(const std::vector<ImageRow>& images);
 std::string image_list_json(const std::vector<ImageRow>& images);
 std::string image_removed_json(std::string_view image);  // {"removed": image}

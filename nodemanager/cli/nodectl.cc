@@ -275,6 +275,40 @@ int vm_delete(Context& ctx, const Vars& vm) {
                  [&](BusClient& c) { return c.delete_vm(opt(vm, "vm"), opt(vm, "request-id")); });
 }
 
+// ---- network ----
+
+int network_create(Context& ctx, const Vars& vm) {
+  auto text = read_spec(opt(vm, "file"));
+  if (!text) return ctx.fail(text.status());
+  return run_job(ctx, vm, "network-create",
+                 [&](BusClient& c) { return c.create_network(*text, opt(vm, "request-id")); });
+}
+
+int network_delete(Context& ctx, const Vars& vm) {
+  return run_job(ctx, vm, "network-delete", [&](BusClient& c) {
+    return c.delete_network(opt(vm, "network"), opt(vm, "request-id"));
+  });
+}
+
+int network_list(Context& ctx, const Vars& vm) {
+  auto client = ctx.client();
+  if (!client) return ctx.fail(client.status());
+  auto nets = (*client)->list_networks(opt(vm, "tenant"));
+  if (!nets) return ctx.fail(nets.status());
+  std::cout << (ctx.json() ? network_list_json(*nets) + "\n" : network_list_table(*nets))
+            << std::flush;
+  return 0;
+}
+
+int network_show(Context& ctx, const Vars& vm) {
+  auto client = ctx.client();
+  if (!client) return ctx.fail(client.status());
+  auto doc = (*client)->get_network(opt(vm, "network"));
+  if (!doc) return ctx.fail(doc.status());
+  std::cout << (ctx.json() ? vm_show_json(*doc) + "\n" : network_show_text(*doc)) << std::flush;
+  return 0;
+}
+
 // ---- image ----
 
 int image_import(Context& ctx, const Vars& vm) {
@@ -463,6 +497,45 @@ std::vector<Noun> commands() {
                                 "idempotency key");
               },
           .run = image_rm};
+  Verb ncreate{.name = "create",
+               .usage = "network create -f SPEC|- [--request-id ID] [--wait]",
+               .summary =
+                   "Create a tenant network from a JSON spec (version 1, see "
+                   "docs/network-spec.md): its bridge, VXLAN device, DHCP server and "
+                   "anti-spoofing rules. '-f -' reads stdin.",
+               .positional = {},
+               .options =
+                   [](po::options_description& d) {
+                     d.add_options()("file,f",
+                                     po::value<std::string>()->required()->value_name("SPEC|-"),
+                                     "the network spec file (JSON), '-' for stdin");
+                     job_options(d);
+                   },
+               .run = network_create};
+  Verb nlist{.name = "list",
+             .usage = "network list [--tenant T]",
+             .summary = "List tenant networks (NAME TENANT VNI SUBNET PORTS STATE).",
+             .positional = {},
+             .options =
+                 [](po::options_description& d) {
+                   d.add_options()("tenant", po::value<std::string>()->value_name("T"),
+                                   "only the networks of tenant T");
+                 },
+             .run = network_list};
+  Verb nshow{.name = "show",
+             .usage = "network show NAME",
+             .summary = "Show one network: spec, state, and each VM port (address, MAC, tap).",
+             .positional = {"network"},
+             .options = nullptr,
+             .run = network_show};
+  Verb ndelete{.name = "delete",
+               .usage = "network delete NAME [--request-id ID] [--wait]",
+               .summary =
+                   "Delete a network and everything on the host made for it; refused "
+                   "(exit 4) while VMs use it.",
+               .positional = {"network"},
+               .options = job_options,
+               .run = network_delete};
   Verb ev{.name = "",
           .usage = "events [--since N] [--follow]",
           .summary =
@@ -481,6 +554,9 @@ std::vector<Noun> commands() {
       Noun{"vm",
            "create, list, show, start, stop, reboot and delete VMs",
            {create, list, show, start, stop, reboot, del}},
+      Noun{"network",
+           "create, list, show and delete tenant networks",
+           {ncreate, nlist, nshow, ndelete}},
       Noun{"image", "import, list and remove images", {import, ilist, rm}},
       Noun{"events", "print (and follow) the node's event log", {ev}},
   };

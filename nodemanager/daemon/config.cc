@@ -29,6 +29,11 @@ Result<ParseOutcome> parse_daemon_config(int argc, const char* const* argv, Daem
     ("orphan-policy", po::value(&orphan_policy)->default_value(orphan_policy), "report or remove domains/overlays marked as ours that the database does not know")
     ("workers", po::value(&c.workers)->default_value(c.workers), "most threads for blocking libvirt and image work (started on demand; a graceful stop holds one while it waits)")
     ("event-capacity", po::value(&c.event_capacity)->default_value(c.event_capacity), "events kept for GetEvents replay")
+    ("underlay-interface", po::value(&c.underlay_interface), "interface carrying tenant VXLAN traffic; empty: host-local tenant networks (no peers)")
+    ("vxlan-port", po::value(&c.vxlan_port)->default_value(c.vxlan_port), "UDP port of VXLAN on the underlay")
+    ("network-mtu", po::value(&c.network_mtu)->default_value(c.network_mtu), "MTU handed to guests by DHCP (underlay MTU minus 50 for VXLAN)")
+    ("runtime-dir", po::value(&c.runtime_dir)->default_value(c.runtime_dir), "runtime files (DHCP hosts, leases, pid files); its parents must be searchable by the dnsmasq user")
+    ("dnsmasq", po::value(&c.dnsmasq)->default_value(c.dnsmasq), "path of the dnsmasq binary that serves DHCP on tenant networks")
     ("debug-job-delay-ms", po::value(&c.debug_job_delay_ms)->default_value(0), "testing only: pause between job steps");
   // clang-format on
   po::variables_map vm;
@@ -77,6 +82,22 @@ Result<ParseOutcome> parse_daemon_config(int argc, const char* const* argv, Daem
   if (c.audit_interval_ms < 100) return invalid_argument("audit-interval-ms: must be >= 100");
   if (c.event_capacity < 100) return invalid_argument("event-capacity: must be >= 100");
   if (c.bus.empty()) return invalid_argument("bus: must be system, session or an address");
+  if (c.underlay_interface.size() > 15) {
+    return invalid_argument("underlay-interface: '" + c.underlay_interface +
+                            "' is longer than 15 characters, so no interface has that name");
+  }
+  if (c.vxlan_port < 1 || c.vxlan_port > 65535) {
+    return invalid_argument("vxlan-port: must be 1 to 65535");
+  }
+  if (c.network_mtu < 576 || c.network_mtu > 9000) {
+    return invalid_argument("network-mtu: must be 576 to 9000");
+  }
+  if (c.runtime_dir.empty() || c.runtime_dir.front() != '/') {
+    return invalid_argument("runtime-dir: '" + c.runtime_dir + "' must be an absolute path");
+  }
+  if (c.dnsmasq.empty() || c.dnsmasq.front() != '/') {
+    return invalid_argument("dnsmasq: '" + c.dnsmasq + "' must be an absolute path");
+  }
   return ParseOutcome::kRun;
 }
 

@@ -26,6 +26,15 @@ struct DaemonConfig {
   uint32_t workers = 64;            // most threads for blocking work (started on demand)
   uint32_t event_capacity = 10000;  // events kept for GetEvents replay
   uint32_t debug_job_delay_ms = 0;  // tests only: widen crash windows
+  // Tenant networks: the interface VXLAN runs on (empty: host-local networks, no peers), the
+  // VXLAN UDP port, and the MTU handed to guests by DHCP (underlay MTU minus 50 bytes).
+  std::string underlay_interface;
+  uint32_t vxlan_port = 4789;
+  uint32_t network_mtu = 1450;
+  std::string dnsmasq = "/usr/sbin/dnsmasq";  // the DHCP server binary
+  // Runtime files (DHCP hosts files, leases, pid files), made mode 0711 so that dnsmasq, which
+  // drops root, can reach its own files below it. systemd: RuntimeDirectory=nodemanager.
+  std::string runtime_dir = "/run/nodemanager";
 };
 
 enum class ParseOutcome { kRun, kExitOk };

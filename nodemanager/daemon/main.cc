@@ -16,6 +16,10 @@
 #include "nm/core/log.h"
 #include "nm/executor.h"
 #include "nm/imagestore/image_store.h"
+#include "nm/network/dnsmasq_dhcp.h"
+#include "nm/network/netlink_links.h"
+#include "nm/network/nft_firewall.h"
+#include "nm/network/tenant_networks.h"
 #include "nm/node_service.h"
 #include "nm/state_store.h"
 
@@ -80,6 +84,37 @@ int run(const nm::DaemonConfig& cfg) {
   auto hypervisor = nm::LibvirtHypervisor::create(lv);
   if (!hypervisor.is_ok()) return fail(log, "connecting to libvirt", hypervisor.status());
 
+  // Tenant networks: rtnetlink, nftables and dnsmasq adapters behind TenantNetworks.
+  auto links = nm::network::NetlinkLinks::create({});
+  if (!links.is_ok()) return fail(log, "opening rtnetlink", links.status());
+  auto firewall = nm::network::NftFirewall::create();
+  if (!firewall.is_ok()) return fail(log, "opening nftables", firewall.status());
+  nm::network::DnsmasqDhcp::Options dhcp_opts;
+  if (auto s = nm::make_dirs(cfg.runtime_dir); !s.is_ok()) {
+    return fail(log, "creating the runtime directory", s);
+  }
+  // dnsmasq runs as its own user and must reach its files below the runtime directory.
+  std::error_code perm_error;
+  std::filesystem::permissions(cfg.runtime_dir,
+                               std::filesystem::perms::owner_all |
+                                   std::filesystem::perms::group_exec |
+                                   std::filesystem::perms::others_exec,
+                               perm_error);
+  if (perm_error) {
+    return fail(
+        log, "setting the mode of the runtime directory",
+        nm::Status(nm::Code::kUnavailable, "'" + cfg.runtime_dir + "': " + perm_error.message()));
+  }
+  dhcp_opts.run_dir = cfg.runtime_dir + "/dhcp";
+  dhcp_opts.dnsmasq = cfg.dnsmasq;
+  auto dhcp = nm::network::DnsmasqDhcp::create(dhcp_opts);
+  if (!dhcp.is_ok()) return fail(log, "preparing DHCP", dhcp.status());
+  nm::network::TenantNetworks networks(
+      **links, **firewall, **dhcp,
+      nm::network::NetworkOptions{.underlay = cfg.underlay_interface,
+                                  .vxlan_port = static_cast<uint16_t>(cfg.vxlan_port),
+                                  .mtu = cfg.network_mtu});
+
   auto workers = std::make_unique<nm::WorkerPool>(cfg.workers);
   nm::ServiceOptions so;
   so.instances_dir = instances_dir;
@@ -87,19 +122,29 @@ int run(const nm::DaemonConfig& cfg) {
   so.stop_timeout = std::chrono::milliseconds(cfg.stop_timeout_ms);
   so.orphan_policy = cfg.orphan_policy;
   so.debug_job_delay = std::chrono::milliseconds(cfg.debug_job_delay_ms);
+  so.underlay_interface = cfg.underlay_interface;
   auto service = nm::make_node_service(
-      nm::ServiceDeps{**store, **hypervisor, **images, ev, *workers, clock}, so);
+      nm::ServiceDeps{**store, **hypervisor, **images, networks, ev, *workers, clock}, so);
+
+  // The DHCP supervisor's thread reports restarts; the service records them on the loop.
+  (*dhcp)->set_observer([&ev, svc = service.get()](const std::string& key, const nm::Status& what) {
+    ev.post([svc, key, what] {
+      svc->record_network_repair("DHCP server of network '" + key + "'", what.message());
+    });
+  });
 
   // On every way out of this function: running jobs are asked to stop and the workers joined
   // before the service they use is destroyed.
   struct StopJobs {
     nm::NodeService& service;
     std::unique_ptr<nm::WorkerPool>& workers;
+    nm::network::Dhcp& dhcp;
     ~StopJobs() {
+      dhcp.set_observer(nullptr);
       service.shutdown();
       workers.reset();
     }
-  } stop_jobs{*service, workers};
+  } stop_jobs{*service, workers, **dhcp};
 
   auto server = nm::DbusServer::create(ev, cfg.bus, *service);
   if (!server.is_ok()) return fail(log, "connecting to the bus", server.status());

@@ -295,7 +295,8 @@ struct DbusServer::Impl {
       if (r < 0) return r;
       auto record = self.service.get_vm(vm);
       if (!record) return self.reply_error(m, record.status());
-      return sd_bus_reply_method_return(m, "s", vm_record_to_json(*record).c_str());
+      return sd_bus_reply_method_return(
+          m, "s", vm_record_to_json(*record, self.service.vm_ports(record->id)).c_str());
     });
   }
 
@@ -315,6 +316,62 @@ struct DbusServer::Impl {
                                   vm.spec.name.str().c_str(), vm.spec.tenant.str().c_str(),
                                   vm.state.c_str(), vm.generation, vm.observed_generation);
       });
+      if (r >= 0) r = sd_bus_message_close_container(reply.get());
+      if (r >= 0) r = sd_bus_send(nullptr, reply.get(), nullptr);
+      return r;
+    });
+  }
+
+  static int create_network(sd_bus_message* m, void* ud, sd_bus_error*) noexcept {
+    return guard_method(ud, m, [m](Impl& self) {
+      const char* spec = nullptr;
+      const char* request_id = nullptr;
+      const int r = sd_bus_message_read(m, "ss", &spec, &request_id);
+      if (r < 0) return r;
+      return self.reply_job(m, self.service.create_network(spec, request_id));
+    });
+  }
+
+  static int delete_network(sd_bus_message* m, void* ud, sd_bus_error*) noexcept {
+    return guard_method(ud, m, [m](Impl& self) {
+      const char* name = nullptr;
+      const char* request_id = nullptr;
+      const int r = sd_bus_message_read(m, "ss", &name, &request_id);
+      if (r < 0) return r;
+      return self.reply_job(m, self.service.delete_network(name, request_id));
+    });
+  }
+
+  static int get_network(sd_bus_message* m, void* ud, sd_bus_error*) noexcept {
+    return guard_method(ud, m, [m](Impl& self) {
+      const char* name = nullptr;
+      const int r = sd_bus_message_read(m, "s", &name);
+      if (r < 0) return r;
+      auto record = self.service.get_network(name);
+      if (!record) return self.reply_error(m, record.status());
+      return sd_bus_reply_method_return(
+          m, "s", network_record_to_json(*record, self.service.network_ports(name)).c_str());
+    });
+  }
+
+  static int list_networks(sd_bus_message* m, void* ud, sd_bus_error*) noexcept {
+    return guard_method(ud, m, [m](Impl& self) {
+      const char* tenant = nullptr;
+      int r = sd_bus_message_read(m, "s", &tenant);
+      if (r < 0) return r;
+      sd_bus_message* raw = nullptr;
+      r = sd_bus_message_new_method_return(m, &raw);
+      MessagePtr reply(raw);
+      if (r < 0) return r;
+      r = sd_bus_message_open_container(reply.get(), 'a', "(sssuus)");
+      for (const auto& n : self.service.list_networks(tenant)) {
+        if (r < 0) break;
+        const auto ports =
+            static_cast<uint32_t>(self.service.network_ports(n.spec.name.str()).size());
+        r = sd_bus_message_append(reply.get(), "(sssuus)", n.spec.name.str().c_str(),
+                                  n.spec.tenant.str().c_str(), n.spec.subnet.str().c_str(),
+                                  n.spec.vni.value(), ports, n.state.c_str());
+      }
       if (r >= 0) r = sd_bus_message_close_container(reply.get());
       if (r >= 0) r = sd_bus_send(nullptr, reply.get(), nullptr);
       return r;
@@ -594,9 +651,23 @@ Status DbusServer::Impl::register_objects() {
                                &Impl::list_images, SD_BUS_VTABLE_UNPRIVILEGED),
       SD_BUS_METHOD_WITH_NAMES("RemoveImage", "ss", SD_BUS_PARAM(image) SD_BUS_PARAM(request_id),
                                "", "", &Impl::remove_image, SD_BUS_VTABLE_UNPRIVILEGED),
+      SD_BUS_METHOD_WITH_NAMES(
+          "CreateNetwork", "ss", SD_BUS_PARAM(spec_json) SD_BUS_PARAM(request_id), "o",
+          SD_BUS_PARAM(job), &Impl::create_network, SD_BUS_VTABLE_UNPRIVILEGED),
+      SD_BUS_METHOD_WITH_NAMES("DeleteNetwork", "ss", SD_BUS_PARAM(name) SD_BUS_PARAM(request_id),
+                               "o", SD_BUS_PARAM(job), &Impl::delete_network,
+                               SD_BUS_VTABLE_UNPRIVILEGED),
+      SD_BUS_METHOD_WITH_NAMES("GetNetwork", "s", SD_BUS_PARAM(name), "s",
+                               SD_BUS_PARAM(network_json), &Impl::get_network,
+                               SD_BUS_VTABLE_UNPRIVILEGED),
+      SD_BUS_METHOD_WITH_NAMES("ListNetworks", "s", SD_BUS_PARAM(tenant), "a(sssuus)",
+                               SD_BUS_PARAM(networks), &Impl::list_networks,
+                               SD_BUS_VTABLE_UNPRIVILEGED),
       SD_BUS_METHOD_WITH_NAMES("GetEvents", "tu", SD_BUS_PARAM(since) SD_BUS_PARAM(max),
                                "a(ttsss)t", SD_BUS_PARAM(events) SD_BUS_PARAM(last_seq),
                                &Impl::get_events, SD_BUS_VTABLE_UNPRIVILEGED),
+      SD_BUS_SIGNAL_WITH_NAMES("EventAppended", "tss",
+                               SD_BUS_PARAM(seq) SD_BUS_PARAM(kind) SD_BUS_PARAM(object_id), 0),
       SD_BUS_SIGNAL_WITH_NAMES("VmStateChanged", "tssss",
                                SD_BUS_PARAM(seq) SD_BUS_PARAM(vm_id) SD_BUS_PARAM(name)
                                    SD_BUS_PARAM(state) SD_BUS_PARAM(reason),
@@ -775,7 +846,19 @@ void DbusServer::on_job_removed(const JobView& job, const JobOutcome& outcome,
 }
 
 void DbusServer::on_event(const EventRecord& event) {
-  if (event.kind != "VmStateChanged") return;
+  if (event.kind == "JobRemoved") return;  // has its own signal, sent by on_job_removed()
+  if (event.kind != "VmStateChanged") {
+    // Events without a signal of their own (networks, images, orphans): one generic signal so
+    // that followers learn about them at once.
+    impl_->guard_observer("on_event", [=, this] {
+      impl_->warn_if_failed(
+          sd_bus_emit_signal(impl_->bus.get(), kManagerPath.data(), kManagerInterface.data(),
+                             "EventAppended", "tss", event.seq, event.kind.c_str(),
+                             event.object_id.c_str()),
+          "EventAppended", event.object_id);
+    });
+    return;
+  }
   impl_->guard_observer("on_event", [=, this] {
     const auto payload = nlohmann::json::parse(event.payload_json, nullptr, false);
     if (!payload.is_object()) {

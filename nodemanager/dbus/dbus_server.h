@@ -81,7 +81,7 @@ class DbusServer final : public ServiceObserver {
   void on_job_changed(const JobView& job) override;  // PropertiesChanged (State, Progress)
   void on_job_removed(const JobView& job, const JobOutcome& outcome,
                       const EventRecord& event) override;  // JobRemoved + InterfacesRemoved
-  void on_event(const EventRecord& event) override;        // VmStateChanged for those events
+  void on_event(const EventRecord& event) override;        // VmStateChanged or EventAppended
 
  private:
   struct Impl;

@@ -11,6 +11,7 @@
 
 #include "nm/core/log.h"
 #include "nm/domain_xml.h"
+#include "nm/network/names.h"
 #include "nm/vm_spec.h"
 
 namespace nm {
@@ -25,7 +26,7 @@ std::string serial_log_path(const ServiceOptions& options, const VmId& id) {
   return options.instances_dir + "/" + id.str() + ".serial.log";
 }
 
-std::string vm_record_to_json(const VmRecord& vm) {
+std::string vm_record_to_json(const VmRecord& vm, const std::vector<PortRecord>& ports) {
   json j = {
       {"id", vm.id.str()},
       {"name", vm.spec.name.str()},
@@ -43,7 +44,45 @@ std::string vm_record_to_json(const VmRecord& vm) {
   };
   if (vm.kernel_digest) j["kernel_digest"] = vm.kernel_digest->str();
   if (vm.initrd_digest) j["initrd_digest"] = vm.initrd_digest->str();
+  if (!ports.empty()) {
+    json arr = json::array();
+    for (const auto& p : ports) {
+      arr.push_back({{"network", p.network.str()},
+                     {"mac", p.mac.str()},
+                     {"ip", p.ip.str()},
+                     {"ifname", p.ifname}});
+    }
+    j["ports"] = std::move(arr);
+  }
   return j.dump();
+}
+
+std::string network_record_to_json(const NetworkRecord& n, const std::vector<PortRecord>& ports) {
+  json peers = json::array();
+  for (const auto& p : n.spec.peers) peers.push_back(p.str());
+  json arr = json::array();
+  for (const auto& p : ports) {
+    arr.push_back({{"vm_id", p.vm.str()},
+                   {"hostname", p.hostname},
+                   {"mac", p.mac.str()},
+                   {"ip", p.ip.str()},
+                   {"ifname", p.ifname}});
+  }
+  return json{{"name", n.spec.name.str()},
+              {"tenant", n.spec.tenant.str()},
+              {"vni", n.spec.vni.value()},
+              {"subnet", n.spec.subnet.str()},
+              {"gateway", network::gateway_address(n.spec.subnet).str()},
+              {"dhcp_server", network::dhcp_server_address(n.spec.subnet).str()},
+              {"bridge", network::bridge_name(n.spec.vni)},
+              {"peers", std::move(peers)},
+              {"state", n.state},
+              {"state_reason", n.state_reason},
+              {"deleting", n.deleting},
+              {"created_us", n.created_us},
+              {"updated_us", n.updated_us},
+              {"ports", std::move(arr)}}
+      .dump();
 }
 
 namespace {
@@ -164,11 +203,23 @@ class NodeServiceImpl final : public NodeService {
     NM_ASSIGN_OR_RETURN(auto overlays, d_.hypervisor.list_overlays());
     log_->info("start-up reconcile: {} VMs in the database, {} domains on the hypervisor",
                vms_.size(), domains.size());
+    NM_ASSIGN_OR_RETURN(auto networks, d_.store.list_networks());
+    for (auto& n : networks) networks_.emplace(n.spec.name.str(), std::move(n));
+    NM_ASSIGN_OR_RETURN(auto ports, d_.store.list_ports());
+    for (auto& p : ports) ports_[p.vm.str()].push_back(std::move(p));
+    for (auto& [id, list] : ports_) {
+      // Spec order: the tap's index digit is the network's position in the spec.
+      std::sort(list.begin(), list.end(),
+                [](const PortRecord& a, const PortRecord& b) { return a.ifname < b.ifname; });
+    }
     NM_ASSIGN_OR_RETURN(auto unfinished, d_.store.unfinished_jobs());
     for (auto& j : unfinished) {
-      const std::string key = j.kind == "import" ? "image:" + j.object_id : j.object_id;
+      std::string key = j.object_id;
+      if (j.kind == "import") key = "image:" + j.object_id;
+      if (j.kind.rfind("network-", 0) == 0) key = network_key(j.object_id);
       interrupted_[key].push_back(std::move(j));
     }
+    start_networks();
     reconcile_all(domains, overlays, epoch_counter_);
     end_interrupted_jobs();
     return Status::ok();
@@ -206,17 +257,13 @@ class NodeServiceImpl final : public NodeService {
                                                      ImageKind::kInitrd, "spec.initrd_image"));
       vm.initrd_digest = i.digest;
     }
-    if (!spec.networks.empty()) {
-      return not_found("spec.networks[0].network: network '" + spec.networks[0].network.str() +
-                       "' of tenant '" + spec.tenant.str() +
-                       "' does not exist (tenant networks are not available on this node yet)");
-    }
     if (spec.disk_gib != 0 && spec.disk_gib * kGiB < disk.virtual_size) {
       return invalid_argument("spec.disk_gib: must be at least the image's virtual size (" +
                               std::to_string((disk.virtual_size + kGiB - 1) / kGiB) + " GiB)");
     }
 
     vm.id = spec.id ? *spec.id : generate_vm_id();
+    NM_ASSIGN_OR_RETURN(std::vector<PortRecord> ports, allocate_ports(vm.id, spec));
     vm.spec = std::move(spec);
     vm.spec.id = vm.id;
     vm.image_digest = disk.digest;
@@ -233,12 +280,17 @@ class NodeServiceImpl final : public NodeService {
         [&](StateTxn& txn) -> Status {
           NM_ASSIGN_OR_RETURN(job_id, client_job(txn, "create", vm.id.str()));
           NM_RETURN_IF_ERROR(txn.put_vm(vm));
+          for (const auto& p : ports) NM_RETURN_IF_ERROR(txn.put_port(p));
           NM_RETURN_IF_ERROR(put_reply(txn, rid, "CreateVm", fingerprint,
                                        {{"vm_id", vm.id.str()}, {"job_id", job_id}}));
           return append_state_event(txn, vm, events);
         },
         events));
     name_index_[vm.spec.name.str()] = vm.id.str();
+    if (!ports.empty()) {
+      ports_[vm.id.str()] = std::move(ports);
+      ++net_epoch_;
+    }
     auto& stored = vms_.insert_or_assign(vm.id.str(), vm).first->second;
     if (observer_) observer_->on_vm_added(stored);
     publish(events);
@@ -443,6 +495,134 @@ class NodeServiceImpl final : public NodeService {
     return Status::ok();
   }
 
+  // ---------------------------------------------------------------- networks
+
+  Result<uint32_t> create_network(std::string_view spec_json,
+                                  std::string_view request_id) override {
+    NM_ASSIGN_OR_RETURN(auto rid, parse_request_id(request_id));
+    NM_ASSIGN_OR_RETURN(network::NetworkSpec spec, network::parse_network_spec(spec_json));
+    const std::string fingerprint = network::network_spec_to_json(spec);
+    NM_ASSIGN_OR_RETURN(auto replayed, replay(rid, "CreateNetwork", fingerprint));
+    if (replayed) return replayed->at("job_id").get<uint32_t>();
+    if (opt_.underlay_interface.empty() && !spec.peers.empty()) {
+      return invalid_argument(
+          "spec.peers: this node has no underlay interface (--underlay-interface), so its "
+          "networks are host-local and cannot have peers");
+    }
+    std::vector<network::NetworkSpec> existing;
+    existing.reserve(networks_.size());
+    for (const auto& [_, n] : networks_) existing.push_back(n.spec);
+    NM_RETURN_IF_ERROR(network::check_against_existing(spec, existing));
+
+    NetworkRecord rec;
+    rec.spec = std::move(spec);
+    rec.state = "creating";
+    rec.state_reason = "create requested";
+    rec.created_us = rec.updated_us = d_.clock.now_realtime_us();
+    const std::string name = rec.spec.name.str();
+    uint32_t job_id = 0;
+    std::vector<EventRecord> events;
+    NM_RETURN_IF_ERROR(commit(
+        [&](StateTxn& txn) -> Status {
+          NM_ASSIGN_OR_RETURN(job_id, client_job(txn, "network-create", name));
+          NM_RETURN_IF_ERROR(txn.put_network(rec));
+          NM_RETURN_IF_ERROR(put_reply(txn, rid, "CreateNetwork", fingerprint,
+                                       {{"network", name}, {"job_id", job_id}}));
+          return append_network_event(txn, rec, events);
+        },
+        events));
+    networks_.emplace(name, rec);
+    ++net_epoch_;
+    publish(events);
+    log_->info("network '{}' of tenant '{}' (vni {}, {}) created, job {}", name,
+               rec.spec.tenant.str(), rec.spec.vni.value(), rec.spec.subnet.str(), job_id);
+    enqueue(make_network_create_job(job_id, rec));
+    return job_id;
+  }
+
+  Result<uint32_t> delete_network(std::string_view name, std::string_view request_id) override {
+    NM_ASSIGN_OR_RETURN(auto rid, parse_request_id(request_id));
+    const std::string fingerprint(name);
+    NM_ASSIGN_OR_RETURN(auto replayed, replay(rid, "DeleteNetwork", fingerprint));
+    if (replayed) return replayed->at("job_id").get<uint32_t>();
+    auto it = networks_.find(std::string(name));
+    if (it == networks_.end()) {
+      return not_found("network '" + std::string(name) + "' does not exist");
+    }
+    const auto users = network_ports(name);
+    if (!users.empty()) {
+      std::string list;
+      for (const auto& p : users) {
+        if (!list.empty()) list += ", ";
+        list += "'" + p.hostname + "'";
+      }
+      return conflict("network '" + std::string(name) + "' is used by VMs " + list +
+                      "; delete them first");
+    }
+    std::vector<EventRecord> events;
+    if (it->second.deleting) {
+      if (auto job = find_job(network_key(it->first), "network-delete")) {
+        NM_RETURN_IF_ERROR(commit(
+            [&](StateTxn& txn) {
+              return put_reply(txn, rid, "DeleteNetwork", fingerprint, {{"job_id", *job}});
+            },
+            events));
+        return *job;
+      }
+    }
+    NetworkRecord next = it->second;
+    next.deleting = true;
+    next.state = "deleting";
+    next.state_reason = "delete requested";
+    next.updated_us = d_.clock.now_realtime_us();
+    uint32_t job_id = 0;
+    NM_RETURN_IF_ERROR(commit(
+        [&](StateTxn& txn) -> Status {
+          NM_ASSIGN_OR_RETURN(job_id, client_job(txn, "network-delete", it->first));
+          NM_RETURN_IF_ERROR(txn.put_network(next));
+          NM_RETURN_IF_ERROR(
+              put_reply(txn, rid, "DeleteNetwork", fingerprint, {{"job_id", job_id}}));
+          return append_network_event(txn, next, events);
+        },
+        events));
+    it->second = next;
+    ++net_epoch_;
+    publish(events);
+    enqueue(make_network_delete_job(job_id, next));
+    return job_id;
+  }
+
+  Result<NetworkRecord> get_network(std::string_view name) const override {
+    auto it = networks_.find(std::string(name));
+    if (it == networks_.end()) {
+      return not_found("network '" + std::string(name) + "' does not exist");
+    }
+    return it->second;
+  }
+
+  std::vector<NetworkRecord> list_networks(std::string_view tenant) const override {
+    std::vector<NetworkRecord> out;
+    for (const auto& [_, n] : networks_) {
+      if (tenant.empty() || n.spec.tenant.str() == tenant) out.push_back(n);
+    }
+    return out;
+  }
+
+  std::vector<PortRecord> vm_ports(const VmId& id) const override {
+    auto it = ports_.find(id.str());
+    return it == ports_.end() ? std::vector<PortRecord>{} : it->second;
+  }
+
+  std::vector<PortRecord> network_ports(std::string_view network) const override {
+    std::vector<PortRecord> out;
+    for (const auto& [_, list] : ports_) {
+      for (const auto& p : list) {
+        if (p.network.str() == network) out.push_back(p);
+      }
+    }
+    return out;
+  }
+
   // ---------------------------------------------------------------- events and jobs
 
   Result<std::vector<EventRecord>> events_since(uint64_t since, uint32_t max) override {
@@ -485,6 +665,10 @@ class NodeServiceImpl final : public NodeService {
 
   size_t active_jobs() const override { return jobs_.size(); }
 
+  void record_network_repair(const std::string& object, const std::string& what) override {
+    record_repairs({network::Repair{object, what}});
+  }
+
   // ---------------------------------------------------------------- reconciliation
 
   void on_domain_event(const DomainEvent& ev) override {
@@ -499,6 +683,7 @@ class NodeServiceImpl final : public NodeService {
   }
 
   void audit() override {
+    audit_networks();
     if (audit_in_flight_) return;
     audit_in_flight_ = true;
     const uint64_t taken_at = epoch_counter_;
@@ -831,9 +1016,16 @@ class NodeServiceImpl final : public NodeService {
     Digest image;
     std::optional<Digest> kernel;
     std::optional<Digest> initrd;
+    std::vector<std::pair<network::NetworkSpec, PortRecord>> ports;
   };
   DefineInput define_input(const VmRecord& vm) const {
-    return {vm.id, vm.spec, vm.generation, vm.image_digest, vm.kernel_digest, vm.initrd_digest};
+    return {vm.id,
+            vm.spec,
+            vm.generation,
+            vm.image_digest,
+            vm.kernel_digest,
+            vm.initrd_digest,
+            port_networks(vm.id)};
   }
 
   // Worker side: makes sure the VM's overlay and domain exist. With `fresh_disk`, a leftover
@@ -845,6 +1037,8 @@ class NodeServiceImpl final : public NodeService {
       return already_exists("spec.id: libvirt already has a domain '" + existing->name +
                             "' with id '" + in.id.str() + "' that nodemanager does not manage");
     }
+    // The port's rules and lease exist before the domain can send its first frame.
+    NM_RETURN_IF_ERROR(attach_ports(in.ports));
     if (existing && !fresh_disk) return Status::ok();
     NM_ASSIGN_OR_RETURN(ImageInfo base, d_.images.resolve(in.image.str()));
     DomainXmlInput x;
@@ -853,6 +1047,9 @@ class NodeServiceImpl final : public NodeService {
     x.generation = in.generation;
     x.domain_type = domain_type_;
     x.serial_log_path = serial_log_path(opt_, in.id);
+    for (const auto& [net, port] : in.ports) {
+      x.interfaces.push_back({port.mac.str(), network::bridge_name(net.vni), port.ifname});
+    }
     if (in.kernel) {
       NM_ASSIGN_OR_RETURN(ImageInfo k, d_.images.resolve(in.kernel->str()));
       x.kernel_path = k.path;
@@ -1032,7 +1229,10 @@ class NodeServiceImpl final : public NodeService {
   std::unique_ptr<Job> make_delete_job(uint32_t id, const VmRecord& vm) {
     auto job = new_vm_job(id, vm, "delete");
     const VmId vm_id = vm.id;
-    job->work = [this, vm_id](JobContext& ctx) { return remove_from_hypervisor(vm_id, ctx); };
+    job->work = [this, vm_id, ports = port_networks(vm.id)](JobContext& ctx) -> Status {
+      NM_RETURN_IF_ERROR(remove_from_hypervisor(vm_id, ctx));
+      return detach_ports(ports);
+    };
     job->finish = [this, vm_id](const Status& s, bool) {
       auto it = vms_.find(vm_id.str());
       if (it == vms_.end()) return;
@@ -1057,6 +1257,7 @@ class NodeServiceImpl final : public NodeService {
             }
             name_index_.erase(gone->spec.name.str());
             vms_.erase(gone->id.str());
+            if (ports_.erase(gone->id.str())) ++net_epoch_;
             if (observer_) observer_->on_vm_removed(gone->id);
             publish(events);
             log_->info("vm '{}' ({}) deleted", gone->spec.name.str(), gone->id.str());
@@ -1340,6 +1541,278 @@ class NodeServiceImpl final : public NodeService {
     }
   }
 
+  // ---------------------------------------------------------------- network helpers
+
+  static std::string network_key(const std::string& name) { return "network:" + name; }
+
+  Status append_network_event(StateTxn& txn, const NetworkRecord& n,
+                              std::vector<EventRecord>& out) {
+    return append(txn, "NetworkStateChanged", n.spec.name.str(),
+                  json{{"name", n.spec.name.str()},
+                       {"tenant", n.spec.tenant.str()},
+                       {"state", n.state},
+                       {"reason", n.state_reason}},
+                  out);
+  }
+
+  // Ports for a new VM: for each network of the spec (which must exist, belong to the VM's
+  // tenant and not be going away; another tenant's network answers like a missing one) an
+  // address (the fixed one asked for, or the lowest free), a MAC unique on the node and a tap.
+  Result<std::vector<PortRecord>> allocate_ports(const VmId& id, const VmSpec& spec) const {
+    std::vector<PortRecord> out;
+    std::set<network::MacAddress> macs;
+    for (const auto& [_, list] : ports_) {
+      for (const auto& p : list) macs.insert(p.mac);
+    }
+    uint32_t attempt = 0;
+    for (size_t i = 0; i < spec.networks.size(); ++i) {
+      const auto& att = spec.networks[i];
+      const std::string at = "spec.networks[" + std::to_string(i) + "]";
+      auto it = networks_.find(att.network.str());
+      if (it == networks_.end() || it->second.spec.tenant != spec.tenant) {
+        return not_found(at + ".network: network '" + att.network.str() +
+                         "' does not exist for tenant '" + spec.tenant.str() + "'");
+      }
+      if (it->second.deleting) {
+        return conflict(at + ".network: network '" + att.network.str() + "' is being deleted");
+      }
+      std::optional<network::Ipv4Address> fixed;
+      if (att.ip) {
+        NM_ASSIGN_OR_RETURN(fixed, network::Ipv4Address::parse(*att.ip, at + ".ip"));
+      }
+      std::vector<network::Ipv4Address> used;
+      for (const auto& p : network_ports(att.network.str())) used.push_back(p.ip);
+      NM_ASSIGN_OR_RETURN(
+          network::Ipv4Address ip,
+          network::allocate_address(it->second.spec.subnet, used, fixed, at + ".ip"));
+      network::MacAddress mac = network::derive_vm_mac(id, attempt++);
+      while (macs.count(mac)) mac = network::derive_vm_mac(id, attempt++);
+      macs.insert(mac);
+      out.push_back(PortRecord{.vm = id,
+                               .network = att.network,
+                               .ifname = network::tap_name(id, static_cast<unsigned>(i)),
+                               .mac = mac,
+                               .ip = ip,
+                               .hostname = spec.name.str()});
+    }
+    return out;
+  }
+
+  // A VM's ports with the spec of their network, captured on the loop for a worker.
+  std::vector<std::pair<network::NetworkSpec, PortRecord>> port_networks(const VmId& id) const {
+    std::vector<std::pair<network::NetworkSpec, PortRecord>> out;
+    for (const auto& p : vm_ports(id)) {
+      auto it = networks_.find(p.network.str());
+      if (it != networks_.end()) out.emplace_back(it->second.spec, p);
+    }
+    return out;
+  }
+
+  // Worker side.
+  Status attach_ports(const std::vector<std::pair<network::NetworkSpec, PortRecord>>& ports) {
+    if (ports.empty()) return Status::ok();
+    std::lock_guard lock(net_mu_);
+    for (const auto& [net, port] : ports) {
+      NM_RETURN_IF_ERROR(d_.networks.add_port(net, port).with_context(
+          "attaching port '" + port.ifname + "' to network '" + net.name.str() + "'"));
+    }
+    return Status::ok();
+  }
+  Status detach_ports(const std::vector<std::pair<network::NetworkSpec, PortRecord>>& ports) {
+    if (ports.empty()) return Status::ok();
+    std::lock_guard lock(net_mu_);
+    for (const auto& [net, port] : ports) {
+      NM_RETURN_IF_ERROR(d_.networks.remove_port(net, port).with_context(
+          "detaching port '" + port.ifname + "' from network '" + net.name.str() + "'"));
+    }
+    return Status::ok();
+  }
+
+  // The host state the database asks for: networks not being deleted and their ports.
+  std::pair<std::vector<network::NetworkSpec>, std::vector<PortRecord>> desired_networks() const {
+    std::vector<network::NetworkSpec> nets;
+    std::set<std::string> live;
+    for (const auto& [name, n] : networks_) {
+      if (n.deleting) continue;
+      nets.push_back(n.spec);
+      live.insert(name);
+    }
+    std::vector<PortRecord> ports;
+    for (const auto& [_, list] : ports_) {
+      for (const auto& p : list) {
+        if (live.count(p.network.str())) ports.push_back(p);
+      }
+    }
+    return {std::move(nets), std::move(ports)};
+  }
+
+  // Start-up: the host converges on the database before READY; interrupted deletions resume.
+  void start_networks() {
+    auto [nets, ports] = desired_networks();
+    Result<std::vector<network::Repair>> repairs = std::vector<network::Repair>{};
+    {
+      std::lock_guard lock(net_mu_);
+      repairs = d_.networks.reconcile(nets, ports);
+    }
+    if (!repairs.is_ok()) {
+      log_->error("start-up network reconcile failed: {}; the next audit retries",
+                  repairs.status().to_string());
+    } else {
+      record_repairs(*repairs);
+    }
+    for (auto& [name, n] : networks_) {
+      if (n.deleting) {
+        enqueue(make_network_delete_job(job_id_for(network_key(name)), n));
+      } else if (repairs.is_ok() && n.state != "ready") {
+        record_network_state(name, "ready", "built on the host");
+      } else if (!repairs.is_ok()) {
+        record_network_state(name, "failed", repairs.status().message());
+      }
+    }
+  }
+
+  void record_network_state(const std::string& name, std::string state, std::string reason) {
+    auto it = networks_.find(name);
+    if (it == networks_.end()) return;
+    if (it->second.state == state && it->second.state_reason == reason) return;
+    auto next = std::make_shared<NetworkRecord>(it->second);
+    next->state = std::move(state);
+    next->state_reason = std::move(reason);
+    next->updated_us = d_.clock.now_realtime_us();
+    write(
+        [this, next](StateTxn& txn, std::vector<EventRecord>& events) -> Status {
+          NM_RETURN_IF_ERROR(txn.put_network(*next));
+          return append_network_event(txn, *next, events);
+        },
+        [this, next](const Status& s, const std::vector<EventRecord>& events) {
+          if (!s.is_ok()) {
+            log_->error("recording state '{}' of network '{}': {}", next->state,
+                        next->spec.name.str(), s.to_string());
+            return;
+          }
+          auto n = networks_.find(next->spec.name.str());
+          if (n != networks_.end()) n->second = *next;
+          publish(events);
+        });
+  }
+
+  std::unique_ptr<Job> new_network_job(uint32_t id, const std::string& name, std::string kind) {
+    auto job = std::make_unique<Job>();
+    job->view = {id, std::move(kind), name, JobState::kQueued, 0.0};
+    job->key = network_key(name);
+    job->cancellable_while_running = false;
+    return job;
+  }
+
+  std::unique_ptr<Job> make_network_create_job(uint32_t id, const NetworkRecord& n) {
+    auto job = new_network_job(id, n.spec.name.str(), "network-create");
+    const std::string name = n.spec.name.str();
+    job->work = [this, spec = n.spec](JobContext&) {
+      std::lock_guard lock(net_mu_);
+      return d_.networks.realize_network(spec, {});
+    };
+    job->finish = [this, name](const Status& s, bool) {
+      if (s.is_ok()) {
+        record_network_state(name, "ready", "built on the host");
+      } else {
+        record_network_state(name, "failed", s.message() + "; the next audit retries");
+      }
+    };
+    // Cancelled before it ran: the network was recorded; the audit builds it.
+    job->revert = [] {};
+    return job;
+  }
+
+  std::unique_ptr<Job> make_network_delete_job(uint32_t id, const NetworkRecord& n) {
+    auto job = new_network_job(id, n.spec.name.str(), "network-delete");
+    const std::string name = n.spec.name.str();
+    job->work = [this, spec = n.spec](JobContext&) {
+      std::lock_guard lock(net_mu_);
+      return d_.networks.remove_network(spec);
+    };
+    job->finish = [this, name](const Status& s, bool) {
+      auto it = networks_.find(name);
+      if (it == networks_.end()) return;
+      if (!s.is_ok()) {
+        record_network_state(name, "failed",
+                             "delete failed: " + s.message() + "; delete it again to retry");
+        return;
+      }
+      auto gone = std::make_shared<NetworkRecord>(it->second);
+      gone->state = "deleted";
+      gone->state_reason = "deleted";
+      write(
+          [this, gone](StateTxn& txn, std::vector<EventRecord>& events) -> Status {
+            NM_RETURN_IF_ERROR(txn.delete_network(gone->spec.name));
+            return append_network_event(txn, *gone, events);
+          },
+          [this, gone](const Status& c, const std::vector<EventRecord>& events) {
+            if (!c.is_ok()) {
+              log_->error("removing network '{}' from the database: {}", gone->spec.name.str(),
+                          c.to_string());
+              return;
+            }
+            networks_.erase(gone->spec.name.str());
+            ++net_epoch_;
+            publish(events);
+            log_->info("network '{}' deleted", gone->spec.name.str());
+          });
+    };
+    job->revert = [] {};
+    return job;
+  }
+
+  // Audit of the host side of networks, on a worker. Skipped when the desired state changed
+  // between the snapshot and the moment the worker holds the network lock (a stale snapshot
+  // must not undo a network or port that was just made); the next audit runs with fresh state.
+  void audit_networks() {
+    if (net_audit_in_flight_) return;
+    net_audit_in_flight_ = true;
+    auto desired = std::make_shared<decltype(desired_networks())>(desired_networks());
+    const uint64_t epoch = net_epoch_.load();
+    d_.workers.submit([this, desired, epoch, alive = alive_] {
+      std::optional<Result<std::vector<network::Repair>>> result;
+      {
+        std::lock_guard lock(net_mu_);
+        if (net_epoch_.load() == epoch) {
+          result = d_.networks.reconcile(desired->first, desired->second);
+        }
+      }
+      d_.loop.post([this, alive, result = std::move(result)] {
+        if (!*alive) return;
+        net_audit_in_flight_ = false;
+        if (!result) return;
+        if (!result->is_ok()) {
+          log_->warn("network audit failed: {}; retrying at the next audit",
+                     result->status().to_string());
+          return;
+        }
+        record_repairs(**result);
+      });
+    });
+  }
+
+  // One NetworkRepaired event (and a warning) per repair, in one transaction.
+  void record_repairs(const std::vector<network::Repair>& repairs) {
+    if (repairs.empty()) return;
+    std::vector<EventRecord> events;
+    const Status c = commit(
+        [&](StateTxn& txn) -> Status {
+          for (const auto& r : repairs) {
+            NM_RETURN_IF_ERROR(append(txn, "NetworkRepaired", r.object,
+                                      json{{"object", r.object}, {"what", r.what}}, events));
+          }
+          return Status::ok();
+        },
+        events);
+    for (const auto& r : repairs) log_->warn("network repair: {} {}", r.object, r.what);
+    if (!c.is_ok()) {
+      log_->error("recording {} network repairs: {}", repairs.size(), c.to_string());
+      return;
+    }
+    publish(events);
+  }
+
   ServiceDeps d_;
   ServiceOptions opt_;
   std::shared_ptr<spdlog::logger> log_;
@@ -1362,6 +1835,14 @@ class NodeServiceImpl final : public NodeService {
   uint64_t epoch_counter_ = 0;
   // Client jobs a crash interrupted, by key, until the start-up reconcile adopted or ended them.
   std::map<std::string, std::vector<JobRecord>> interrupted_;
+
+  std::map<std::string, NetworkRecord> networks_;         // by name
+  std::map<std::string, std::vector<PortRecord>> ports_;  // by VM id, in spec order
+  // Serializes every call into TenantNetworks (it runs on worker threads, one at a time).
+  std::mutex net_mu_;
+  // Bumped (on the loop) whenever the desired networks or ports change; read by audit workers.
+  std::atomic<uint64_t> net_epoch_{0};
+  bool net_audit_in_flight_ = false;
 };
 
 }  // namespace

@@ -225,6 +225,14 @@ std::string render_domain_xml(const DomainXmlInput& in) {
     w.empty("target", {{"dev", "vda"}, {"bus", "virtio"}});
     w.close();
   }
+  for (const auto& nic : in.interfaces) {
+    w.open("interface", {{"type", "bridge"}});
+    w.empty("mac", {{"address", nic.mac}});
+    w.empty("source", {{"bridge", nic.bridge}});
+    w.empty("target", {{"dev", nic.tap}});
+    w.empty("model", {{"type", "virtio"}});
+    w.close();
+  }
   if (!in.serial_log_path.empty()) {
     w.open("serial", {{"type", "file"}});
     w.empty("source", {{"path", in.serial_log_path}});

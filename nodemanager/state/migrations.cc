@@ -59,6 +59,33 @@ CREATE TABLE jobs (
   created_us INTEGER NOT NULL
 ) STRICT;
 )sql"},
+    // Tenant networks and the VM ports on them (issue 4). A port lives and dies with its VM
+    // (ON DELETE CASCADE); a network cannot be deleted while a port references it.
+    Migration{3, R"sql(
+CREATE TABLE networks (
+  name         TEXT PRIMARY KEY NOT NULL,
+  tenant       TEXT NOT NULL,
+  vni          INTEGER NOT NULL UNIQUE,
+  spec_json    TEXT NOT NULL,
+  deleting     INTEGER NOT NULL CHECK (deleting IN (0, 1)),
+  state        TEXT NOT NULL,
+  state_reason TEXT NOT NULL,
+  created_us   INTEGER NOT NULL,
+  updated_us   INTEGER NOT NULL
+) STRICT;
+
+CREATE TABLE ports (
+  vm_id    TEXT NOT NULL REFERENCES vms (id) ON DELETE CASCADE,
+  network  TEXT NOT NULL REFERENCES networks (name),
+  ifname   TEXT NOT NULL UNIQUE,
+  mac      TEXT NOT NULL UNIQUE,
+  ip       TEXT NOT NULL,
+  hostname TEXT NOT NULL,
+  PRIMARY KEY (vm_id, network),
+  UNIQUE (network, ip)
+) STRICT;
+CREATE INDEX ports_by_network ON ports (network);
+)sql"},
 };
 
 }  // namespace

@@ -169,6 +169,9 @@ class SqliteTxn final : public StateTxn {
   Result<uint64_t> allocate_job_id() override;
   Status put_job(const JobRecord& job) override;
   Status delete_job(uint64_t id) override;
+  Status put_network(const NetworkRecord& network) override;
+  Status delete_network(const NetworkName& name) override;
+  Status put_port(const PortRecord& port) override;
 
  private:
   SqliteStateStore& store_;
@@ -271,6 +274,52 @@ class SqliteStateStore final : public StateStore {
                               .kind = s.text(1),
                               .object_id = s.text(2),
                               .created_us = from_db(s.i64(3))});
+    }
+    return out;
+  }
+
+  Result<std::vector<NetworkRecord>> list_networks() override {
+    NM_ASSIGN_OR_RETURN(Stmt s, stmt("SELECT name, spec_json, deleting, state, state_reason, "
+                                     "created_us, updated_us FROM networks ORDER BY name"));
+    std::vector<NetworkRecord> out;
+    for (;;) {
+      NM_ASSIGN_OR_RETURN(bool row, s.step());
+      if (!row) break;
+      auto spec = network::parse_network_spec(s.text(1));
+      if (!spec.is_ok()) {
+        return internal_error("state database: network '" + s.text(0) +
+                              "' has an unreadable spec: " + spec.status().message());
+      }
+      out.push_back(NetworkRecord{.spec = std::move(spec).value(),
+                                  .deleting = s.i64(2) != 0,
+                                  .state = s.text(3),
+                                  .state_reason = s.text(4),
+                                  .created_us = from_db(s.i64(5)),
+                                  .updated_us = from_db(s.i64(6))});
+    }
+    return out;
+  }
+
+  Result<std::vector<PortRecord>> list_ports() override {
+    NM_ASSIGN_OR_RETURN(Stmt s, stmt("SELECT vm_id, network, ifname, mac, ip, hostname FROM ports "
+                                     "ORDER BY vm_id, network"));
+    std::vector<PortRecord> out;
+    for (;;) {
+      NM_ASSIGN_OR_RETURN(bool row, s.step());
+      if (!row) break;
+      auto vm = VmId::parse(s.text(0), "ports.vm_id");
+      auto net = NetworkName::parse(s.text(1), "ports.network");
+      auto mac = network::MacAddress::parse(s.text(3), "ports.mac");
+      auto ip = network::Ipv4Address::parse(s.text(4), "ports.ip");
+      for (const Status& st : {vm.status(), net.status(), mac.status(), ip.status()}) {
+        if (!st.is_ok()) return internal_error("state database: " + st.message());
+      }
+      out.push_back(PortRecord{.vm = std::move(vm).value(),
+                               .network = std::move(net).value(),
+                               .ifname = s.text(2),
+                               .mac = mac.value(),
+                               .ip = ip.value(),
+                               .hostname = s.text(5)});
     }
     return out;
   }
@@ -488,6 +537,60 @@ Status SqliteTxn::put_job(const JobRecord& job) {
 Status SqliteTxn::delete_job(uint64_t id) {
   NM_ASSIGN_OR_RETURN(Stmt s, store_.stmt("DELETE FROM jobs WHERE id = ?1"));
   return s.bind(1, to_db(id)).run();
+}
+
+Status SqliteTxn::put_network(const NetworkRecord& n) {
+  NM_ASSIGN_OR_RETURN(
+      Stmt s, store_.stmt("INSERT INTO networks (name, tenant, vni, spec_json, deleting, state, "
+                          "state_reason, created_us, updated_us) VALUES (?1, ?2, ?3, ?4, ?5, ?6, "
+                          "?7, ?8, ?9) ON CONFLICT (name) DO UPDATE SET tenant = excluded.tenant, "
+                          "vni = excluded.vni, spec_json = excluded.spec_json, deleting = "
+                          "excluded.deleting, state = excluded.state, state_reason = "
+                          "excluded.state_reason, created_us = excluded.created_us, updated_us = "
+                          "excluded.updated_us"));
+  s.bind(1, n.spec.name.str())
+      .bind(2, n.spec.tenant.str())
+      .bind(3, int64_t{n.spec.vni.value()})
+      .bind(4, network::network_spec_to_json(n.spec))
+      .bind(5, int64_t{n.deleting ? 1 : 0})
+      .bind(6, n.state)
+      .bind(7, n.state_reason)
+      .bind(8, to_db(n.created_us))
+      .bind(9, to_db(n.updated_us));
+  Status st = s.run();
+  if (!st.is_ok()) return st.with_context("put network '" + n.spec.name.str() + "'");
+  return Status::ok();
+}
+
+Status SqliteTxn::delete_network(const NetworkName& name) {
+  {
+    NM_ASSIGN_OR_RETURN(Stmt s, store_.stmt("SELECT count(*) FROM ports WHERE network = ?1"));
+    s.bind(1, name.str());
+    NM_ASSIGN_OR_RETURN(bool row, s.step());
+    if (row && s.i64(0) > 0) {
+      return conflict("network '" + name.str() + "' still has " + std::to_string(s.i64(0)) +
+                      " port(s)");
+    }
+  }
+  NM_ASSIGN_OR_RETURN(Stmt s, store_.stmt("DELETE FROM networks WHERE name = ?1"));
+  return s.bind(1, name.str()).run();
+}
+
+Status SqliteTxn::put_port(const PortRecord& p) {
+  NM_ASSIGN_OR_RETURN(Stmt s, store_.stmt("INSERT INTO ports (vm_id, network, ifname, mac, ip, "
+                                          "hostname) VALUES (?1, ?2, ?3, ?4, ?5, ?6)"));
+  s.bind(1, p.vm.str())
+      .bind(2, p.network.str())
+      .bind(3, p.ifname)
+      .bind(4, p.mac.str())
+      .bind(5, p.ip.str())
+      .bind(6, p.hostname);
+  Status st = s.run();
+  if (!st.is_ok()) {
+    return st.with_context("put port of vm '" + p.vm.str() + "' on network '" + p.network.str() +
+                           "'");
+  }
+  return Status::ok();
 }
 
 }  // namespace

@@ -6,6 +6,7 @@
 #include <optional>
 #include <string>
 #include <string_view>
+#include <vector>
 
 #include "nm/core/ids.h"
 #include "nm/core/status.h"
@@ -17,6 +18,14 @@ namespace nm {
 inline constexpr const char* kMetadataNamespace = "https://nodemanager.org/xmlns/vm/1";
 inline constexpr const char* kMetadataPrefix = "nm";
 
+// A virtio NIC on a tenant bridge through a tap of our name (libvirt creates and removes the tap).
+struct DomainInterface {
+  std::string mac;     // "02:..:..", lowercase
+  std::string bridge;  // "nmbr<vni>"
+  std::string tap;     // "nmt<11 hex><index>"
+  bool operator==(const DomainInterface&) const = default;
+};
+
 struct DomainXmlInput {
   VmId id = VmId::trusted("00000000-0000-0000-0000-000000000000");
   VmSpec spec;
@@ -27,7 +36,8 @@ struct DomainXmlInput {
   std::string disk_format = "qcow2";
   std::optional<std::string> kernel_path;
   std::optional<std::string> initrd_path;
-  std::string serial_log_path;  // the guest's serial console is written here
+  std::string serial_log_path;              // the guest's serial console is written here
+  std::vector<DomainInterface> interfaces;  // in spec order
 };
 
 // Escapes text for an XML text node or attribute value (either quote style): & < > " ' and
@@ -43,7 +53,8 @@ std::string domain_name(const VmSpec& spec);
 // <metadata><nm:vm xmlns:nm="..." id="..." tenant="..." generation="N"/></metadata>.
 // Also <features><acpi/><apic/></features> (QEMU gets -no-acpi without it, and graceful
 // shutdown needs ACPI), on_poweroff=destroy, on_reboot=restart, on_crash=destroy,
-// <memballoon model='none'/>, and no network interfaces yet. The disk is omitted when disk_path
+// <memballoon model='none'/>, and one <interface type='bridge'> per entry of `interfaces`
+// (<mac>, <source bridge>, <target dev>, virtio model). The disk is omitted when disk_path
 // is empty, the serial console and <console> when serial_log_path is empty; <cmdline> appears
 // only with a kernel and a non-empty spec.cmdline. Pure: the same input gives the same bytes.
 // Values are escaped (&<>"'); characters XML 1.0 cannot carry (C0 controls except tab/LF/CR)

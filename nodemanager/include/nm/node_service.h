@@ -39,6 +39,9 @@ struct ServiceOptions {
   // What the reconciler does with domains that carry our metadata but that the database does not
   // know. Default: report (an OrphanFound event and a warning), never silently keep.
   OrphanPolicy orphan_policy = OrphanPolicy::kReport;
+  // The underlay interface VXLAN runs on (--underlay-interface). Empty: networks are host-local
+  // and CreateNetwork refuses peers.
+  std::string underlay_interface;
   // Testing aid: each job sleeps this long between its steps (interruptible by Cancel), to widen
   // crash windows in tests. Default 0; never set in production.
   std::chrono::milliseconds debug_job_delay{0};
@@ -122,6 +125,20 @@ class NodeService {
   // Conflict (naming the VMs) while a VM uses the image.
   virtual Status remove_image(std::string_view image, std::string_view request_id) = 0;
 
+  // ---- Tenant networks (docs/network-spec.md) ----
+  // Records the network and queues the job that builds it on the host ("network-create").
+  // InvalidArgument naming the field for a bad spec, AlreadyExists for a taken name or VNI.
+  virtual Result<uint32_t> create_network(std::string_view spec_json,
+                                          std::string_view request_id) = 0;
+  // Queues the job that removes it ("network-delete"). Conflict (naming them) while VMs use it.
+  virtual Result<uint32_t> delete_network(std::string_view name, std::string_view request_id) = 0;
+  virtual Result<NetworkRecord> get_network(std::string_view name) const = 0;
+  // Sorted by name. Empty tenant: all.
+  virtual std::vector<NetworkRecord> list_networks(std::string_view tenant) const = 0;
+  // Ports of a VM (in spec order) or of a network (by VM id).
+  virtual std::vector<PortRecord> vm_ports(const VmId& id) const = 0;
+  virtual std::vector<PortRecord> network_ports(std::string_view network) const = 0;
+
   // ---- Events and jobs ----
   virtual Result<std::vector<EventRecord>> events_since(uint64_t since, uint32_t max) = 0;
   virtual uint64_t last_event_seq() const = 0;
@@ -135,6 +152,12 @@ class NodeService {
   virtual void on_domain_event(const DomainEvent& event) = 0;
   // Periodic audit: compares every VM with libvirt and queues convergence work.
   virtual void audit() = 0;
+  // Records a repair of the host side of networks that happened outside the audit (the DHCP
+  // supervisor restarting a dead dnsmasq): a NetworkRepaired event and a warning.
+  virtual void record_network_repair(const std::string& object, const std::string& what) {
+    (void)object;
+    (void)what;
+  }
   // Jobs queued or running (for STATUS= lines and clean shutdown).
   virtual size_t active_jobs() const = 0;
   // Before the daemon exits: asks running jobs to stop at their next step. Nothing is lost:
@@ -144,12 +167,20 @@ class NodeService {
 
 // GetVm's JSON document: {"id", "spec", "state", "state_reason", "desired_power", "generation",
 // "observed_generation", "image_digest", "created_us", "updated_us"} (docs/dbus-api.md).
-std::string vm_record_to_json(const VmRecord& vm);
+// With "ports": [{"network", "mac", "ip", "ifname"}] when the VM has any.
+std::string vm_record_to_json(const VmRecord& vm, const std::vector<PortRecord>& ports = {});
+// GetNetwork's JSON document: {"name", "tenant", "vni", "subnet", "gateway", "dhcp_server",
+// "peers", "state", "state_reason", "created_us", "updated_us", "ports": [{"vm_id", "hostname",
+// "mac", "ip", "ifname"}]} (docs/dbus-api.md).
+std::string network_record_to_json(const NetworkRecord& network,
+                                   const std::vector<PortRecord>& ports);
 
 struct ServiceDeps {
   StateStore& store;
   Hypervisor& hypervisor;
   ImageStore& images;
+  // Host side of tenant networks. Called from worker threads, one call at a time.
+  network::TenantNetworks& networks;
   LoopExecutor& loop;
   WorkerPool& workers;
   const Clock& clock;

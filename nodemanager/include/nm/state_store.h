@@ -17,6 +17,8 @@
 
 #include "nm/core/ids.h"
 #include "nm/core/status.h"
+#include "nm/network/network_spec.h"
+#include "nm/network/tenant_networks.h"
 #include "nm/vm_spec.h"
 
 namespace nm {
@@ -44,6 +46,20 @@ struct VmRecord {
   uint64_t updated_us = 0;
   bool operator==(const VmRecord&) const = default;
 };
+
+struct NetworkRecord {
+  network::NetworkSpec spec;
+  bool deleting = false;          // desired: gone; the delete job finishes the removal
+  std::string state = "pending";  // "pending", "ready", "failed", "deleting"
+  std::string state_reason;
+  uint64_t created_us = 0;
+  uint64_t updated_us = 0;
+  bool operator==(const NetworkRecord&) const = default;
+};
+
+// A VM's port on a network: its MAC, address and tap, allocated when the VM is created and kept
+// until it is deleted (unique on the node: MAC, tap name, and address within the network).
+using PortRecord = network::PortSpec;
 
 // The first answer to a mutating request, replayed to retries with the same request id.
 struct RequestRecord {
@@ -90,6 +106,13 @@ class StateTxn {
   // Records a job a client was told about; removed with its JobRemoved (delete_job).
   virtual Status put_job(const JobRecord& job) = 0;
   virtual Status delete_job(uint64_t id) = 0;  // OK if absent
+  // Networks: insert or replace by name. AlreadyExists when another network holds the VNI.
+  virtual Status put_network(const NetworkRecord& network) = 0;
+  // Conflict while a port references it; OK if absent.
+  virtual Status delete_network(const NetworkName& name) = 0;
+  // Inserts a port. AlreadyExists when its MAC, tap name or (network, ip) is taken. A VM's
+  // ports go with delete_vm().
+  virtual Status put_port(const PortRecord& port) = 0;
 };
 
 struct SqliteOptions {
@@ -115,6 +138,9 @@ class StateStore {
   virtual Result<uint64_t> last_event_seq() = 0;
   // Jobs recorded with put_job() and not deleted: the ones a crash interrupted. Oldest first.
   virtual Result<std::vector<JobRecord>> unfinished_jobs() = 0;
+  // Every network, by name; every port, by VM id then network.
+  virtual Result<std::vector<NetworkRecord>> list_networks() = 0;
+  virtual Result<std::vector<PortRecord>> list_ports() = 0;
   // The schema version after migrations.
   virtual int schema_version() const = 0;
 };

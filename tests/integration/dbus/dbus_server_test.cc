@@ -331,6 +331,35 @@ class FakeNodeService final : public NodeService {
   Status remove_image(std::string_view image, std::string_view request_id) override {
     return record("remove_image(" + std::string(image) + "," + std::string(request_id) + ")");
   }
+  Result<uint32_t> create_network(std::string_view spec_json,
+                                  std::string_view request_id) override {
+    NM_RETURN_IF_ERROR(
+        record("create_network(" + std::string(spec_json) + "," + std::string(request_id) + ")"));
+    return 31u;
+  }
+  Result<uint32_t> delete_network(std::string_view name, std::string_view request_id) override {
+    NM_RETURN_IF_ERROR(
+        record("delete_network(" + std::string(name) + "," + std::string(request_id) + ")"));
+    return 32u;
+  }
+  Result<NetworkRecord> get_network(std::string_view name) const override {
+    if (name != "blue") return Status(Code::kNotFound, "network '" + std::string(name) + "'");
+    return blue_network();
+  }
+  std::vector<NetworkRecord> list_networks(std::string_view tenant) const override {
+    if (!tenant.empty() && tenant != "contoso") return {};
+    return {blue_network()};
+  }
+  std::vector<PortRecord> vm_ports(const VmId&) const override { return {}; }
+  std::vector<PortRecord> network_ports(std::string_view) const override { return {}; }
+  static NetworkRecord blue_network() {
+    NetworkRecord n;
+    n.spec = network::parse_network_spec(
+                 R"({"name":"blue","tenant":"contoso","vni":4097,"subnet":"10.10.0.0/24"})")
+                 .value();
+    n.state = "ready";
+    return n;
+  }
   Result<std::vector<EventRecord>> events_since(uint64_t since, uint32_t max) override {
     NM_RETURN_IF_ERROR(
         record("events_since(" + std::to_string(since) + "," + std::to_string(max) + ")"));

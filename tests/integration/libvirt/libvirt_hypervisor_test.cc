@@ -71,7 +71,8 @@ std::string domain_xml(const VmId& id, const std::string& name, const std::strin
                     .disk_format = "qcow2",
                     .kernel_path = std::nullopt,
                     .initrd_path = std::nullopt,
-                    .serial_log_path = ""};
+                    .serial_log_path = "",
+                    .interfaces = {}};
   return render_domain_xml(in);
 }
 

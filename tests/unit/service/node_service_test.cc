@@ -16,7 +16,9 @@
 #include <nlohmann/json.hpp>
 
 #include "fakes/fake_hypervisor.h"
+#include "fakes/fake_network.h"
 #include "nm/core/fs.h"
+#include "nm/network/names.h"
 
 namespace nm {
 namespace {
@@ -108,6 +110,7 @@ class NodeServiceTest : public ::testing::Test {
  protected:
   void SetUp() override {
     options_.instances_dir = "/tmp/instances";
+    options_.underlay_interface = "ul0";
     dir_ = std::filesystem::path(::testing::TempDir()) /
            ("svc-" + std::string(::testing::UnitTest::GetInstance()->current_test_info()->name()));
     std::filesystem::remove_all(dir_);
@@ -137,9 +140,11 @@ class NodeServiceTest : public ::testing::Test {
     ASSERT_TRUE(store.is_ok()) << store.status().to_string();
     store_ = std::move(*store);
     workers_ = std::make_unique<WorkerPool>(4);
+    networks_ = std::make_unique<network::TenantNetworks>(
+        links_, fw_, dhcp_, network::NetworkOptions{.underlay = "ul0"});
     obs_ = RecordingObserver{};
-    service_ =
-        make_node_service(ServiceDeps{*store_, hv_, *images_, loop_, *workers_, clock_}, options_);
+    service_ = make_node_service(
+        ServiceDeps{*store_, hv_, *images_, *networks_, loop_, *workers_, clock_}, options_);
     service_->set_observer(&obs_);
     const Status s = service_->start();
     ASSERT_TRUE(s.is_ok()) << s.to_string();
@@ -184,6 +189,11 @@ class NodeServiceTest : public ::testing::Test {
   ServiceOptions options_;
   std::unique_ptr<StateStore> store_;
   std::unique_ptr<ImageStore> images_;
+  // The host's network state persists across service restarts, like the hypervisor's.
+  testing::FakeLinks links_;
+  testing::FakeFirewall fw_;
+  testing::FakeDhcp dhcp_;
+  std::unique_ptr<network::TenantNetworks> networks_;
   std::unique_ptr<WorkerPool> workers_;
   std::unique_ptr<NodeService> service_;
   RecordingObserver obs_;
@@ -645,8 +655,8 @@ TEST_F(NodeServiceTest, StaleAuditSnapshotDoesNotUndoAStartThatFinishedMeanwhile
   workers_.reset();
   service_.reset();
   workers_ = std::make_unique<WorkerPool>(4);
-  service_ =
-      make_node_service(ServiceDeps{*store_, gated, *images_, loop_, *workers_, clock_}, options_);
+  service_ = make_node_service(
+      ServiceDeps{*store_, gated, *images_, *networks_, loop_, *workers_, clock_}, options_);
   service_->set_observer(&obs_);
   ASSERT_TRUE(service_->start().is_ok());
   ASSERT_TRUE(settle());
@@ -839,6 +849,210 @@ TEST(WorkerPool, GrowsWhileEveryThreadIsBusyButNotPastItsLimit) {
     cv.notify_all();
     EXPECT_EQ(second_done.wait_for(5s), std::future_status::ready);
   }
+}
+
+// ---------------------------------------------------------------- tenant networks
+
+std::string net_spec(const std::string& name, const std::string& tenant, uint32_t vni,
+                     const std::string& subnet, const std::string& extra = "") {
+  return R"({"name":")" + name + R"(","tenant":")" + tenant + R"(","vni":)" + std::to_string(vni) +
+         R"(,"subnet":")" + subnet + R"(")" + extra + "}";
+}
+
+class NodeServiceNetworks : public NodeServiceTest {
+ protected:
+  void create_network(const std::string& spec_json) {
+    auto job = service_->create_network(spec_json, "");
+    ASSERT_TRUE(job.is_ok()) << job.status().to_string();
+    wait_done(*job);
+  }
+};
+
+TEST_F(NodeServiceNetworks, CreateBuildsTheNetworkOnTheHostAndRecordsItReady) {
+  create_network(net_spec("blue", "contoso", 4097, "10.10.0.0/24", R"(,"peers":["192.0.2.2"])"));
+  auto n = service_->get_network("blue");
+  ASSERT_TRUE(n.is_ok());
+  EXPECT_EQ(n->state, "ready");
+  EXPECT_TRUE(links_.has("nmbr4097"));
+  EXPECT_TRUE(links_.has("nmvx4097"));
+  EXPECT_EQ(links_.links["nmvx4097"].peers.size(), 1U);
+  EXPECT_TRUE(dhcp_.servers.count("blue"));
+  // Durable: a restarted service still knows it.
+  open_service();
+  ASSERT_TRUE(service_->get_network("blue").is_ok());
+}
+
+TEST_F(NodeServiceNetworks, BadSpecsAreRefusedNamingTheFieldAndChangeNothing) {
+  struct Case {
+    std::string doc;
+    std::string field;
+  };
+  for (const Case& c : std::vector<Case>{
+           {net_spec("blue", "contoso", 0, "10.10.0.0/24"), "spec.vni"},
+           {net_spec("blue", "contoso", 5, "10.10.0.7/24"), "spec.subnet"},
+           {net_spec("Blue", "contoso", 5, "10.10.0.0/24"), "spec.name"},
+           {net_spec("blue", "contoso", 5, "10.10.0.0/24", R"(,"color":"red")"), "spec.color"},
+       }) {
+    auto r = service_->create_network(c.doc, "");
+    ASSERT_FALSE(r.is_ok()) << c.doc;
+    EXPECT_EQ(r.status().code(), Code::kInvalidArgument) << c.doc;
+    EXPECT_NE(r.status().message().find(c.field), std::string::npos) << r.status().message();
+  }
+  EXPECT_TRUE(service_->list_networks("").empty());
+  EXPECT_TRUE(links_.links.empty());
+}
+
+TEST_F(NodeServiceNetworks, PeersNeedAnUnderlay) {
+  options_.underlay_interface = "";
+  open_service();
+  auto r = service_->create_network(
+      net_spec("blue", "contoso", 5, "10.10.0.0/24", R"(,"peers":["192.0.2.2"])"), "");
+  ASSERT_FALSE(r.is_ok());
+  EXPECT_NE(r.status().message().find("spec.peers"), std::string::npos);
+  EXPECT_TRUE(service_->list_networks("").empty());
+}
+
+TEST_F(NodeServiceNetworks, ATakenVniOrNameIsRefused) {
+  create_network(net_spec("blue", "contoso", 4097, "10.10.0.0/24"));
+  auto vni = service_->create_network(net_spec("red", "fabrikam", 4097, "10.20.0.0/24"), "");
+  EXPECT_EQ(vni.status().code(), Code::kAlreadyExists);
+  EXPECT_NE(vni.status().message().find("spec.vni"), std::string::npos);
+  auto name = service_->create_network(net_spec("blue", "fabrikam", 4098, "10.20.0.0/24"), "");
+  EXPECT_EQ(name.status().code(), Code::kAlreadyExists);
+  EXPECT_EQ(service_->list_networks("").size(), 1U);
+}
+
+TEST_F(NodeServiceNetworks, CreateNetworkIsIdempotentByRequestId) {
+  const std::string doc = net_spec("blue", "contoso", 4097, "10.10.0.0/24");
+  auto a = service_->create_network(doc, "net-req-1");
+  ASSERT_TRUE(a.is_ok());
+  wait_done(*a);
+  open_service();
+  auto b = service_->create_network(doc, "net-req-1");
+  ASSERT_TRUE(b.is_ok()) << b.status().to_string();
+  EXPECT_EQ(*a, *b);
+  EXPECT_EQ(service_->list_networks("").size(), 1U);
+}
+
+TEST_F(NodeServiceNetworks, AVmGetsAPortWithAddressMacTapRulesAndLease) {
+  create_network(net_spec("blue", "contoso", 4097, "10.10.0.0/24"));
+  const VmId a = create("a", R"(,"networks":[{"network":"blue"}])");
+  const VmId b = create("b", R"(,"networks":[{"network":"blue","ip":"10.10.0.50"}])");
+  const auto pa = service_->vm_ports(a);
+  const auto pb = service_->vm_ports(b);
+  ASSERT_EQ(pa.size(), 1U);
+  ASSERT_EQ(pb.size(), 1U);
+  EXPECT_EQ(pa[0].ip.str(), "10.10.0.3");  // .0 network, .1 gateway, .2 DHCP
+  EXPECT_EQ(pb[0].ip.str(), "10.10.0.50");
+  EXPECT_NE(pa[0].mac, pb[0].mac);
+  EXPECT_TRUE(pa[0].mac.is_locally_administered_unicast());
+  EXPECT_EQ(pa[0].ifname, network::tap_name(a, 0));
+
+  const std::string xml = hv_.domain(a.str())->xml;
+  EXPECT_NE(xml.find("<source bridge='nmbr4097'/>"), std::string::npos) << xml;
+  EXPECT_NE(xml.find(pa[0].mac.str()), std::string::npos) << xml;
+  EXPECT_NE(xml.find(pa[0].ifname), std::string::npos) << xml;
+  ASSERT_TRUE(fw_.table.has_value());
+  EXPECT_NE(fw_.table->find(pa[0].ifname), std::string::npos);
+  EXPECT_NE(fw_.table->find(pb[0].ifname), std::string::npos);
+  EXPECT_EQ(dhcp_.servers["blue"].hosts.size(), 2U);
+
+  // GetVm shows the port.
+  const std::string doc = vm_record_to_json(*service_->get_vm("a"), pa);
+  EXPECT_NE(doc.find("\"ip\":\"10.10.0.3\""), std::string::npos) << doc;
+}
+
+TEST_F(NodeServiceNetworks, AnotherTenantsNetworkAnswersLikeAMissingOne) {
+  create_network(net_spec("blue", "contoso", 4097, "10.10.0.0/24"));
+  auto r = service_->create_vm(spec("x", "fabrikam", R"(,"networks":[{"network":"blue"}])"), "");
+  ASSERT_FALSE(r.is_ok());
+  EXPECT_EQ(r.status().code(), Code::kNotFound);
+  EXPECT_NE(r.status().message().find("spec.networks[0].network"), std::string::npos);
+  EXPECT_TRUE(service_->list_vms("").empty());
+  EXPECT_EQ(hv_.domain_count(), 0U);
+}
+
+TEST_F(NodeServiceNetworks, AddressRulesAreCheckedBeforeAnythingIsRecorded) {
+  create_network(net_spec("blue", "contoso", 4097, "10.10.0.0/24"));
+  create("a", R"(,"networks":[{"network":"blue","ip":"10.10.0.9"}])");
+  struct Case {
+    std::string ip;
+    Code code;
+  };
+  for (const Case& c : std::vector<Case>{{"10.10.0.9", Code::kAlreadyExists},
+                                         {"10.10.0.2", Code::kInvalidArgument},
+                                         {"10.10.0.255", Code::kInvalidArgument},
+                                         {"10.99.0.9", Code::kInvalidArgument}}) {
+    auto r = service_->create_vm(
+        spec("b", "contoso", R"(,"networks":[{"network":"blue","ip":")" + c.ip + R"("}])"), "");
+    ASSERT_FALSE(r.is_ok()) << c.ip;
+    EXPECT_EQ(r.status().code(), c.code) << c.ip << ": " << r.status().to_string();
+    EXPECT_NE(r.status().message().find("spec.networks[0].ip"), std::string::npos)
+        << r.status().message();
+  }
+  EXPECT_EQ(service_->list_vms("").size(), 1U);
+  EXPECT_EQ(service_->network_ports("blue").size(), 1U);
+}
+
+TEST_F(NodeServiceNetworks, ANetworkInUseCannotBeDeletedUntilItsVmsAreGone) {
+  create_network(net_spec("blue", "contoso", 4097, "10.10.0.0/24"));
+  const VmId a = create("a", R"(,"networks":[{"network":"blue"}])");
+  auto refused = service_->delete_network("blue", "");
+  ASSERT_FALSE(refused.is_ok());
+  EXPECT_EQ(refused.status().code(), Code::kConflict);
+  EXPECT_NE(refused.status().message().find("'a'"), std::string::npos);
+  EXPECT_TRUE(links_.has("nmbr4097"));
+
+  auto del_vm = service_->delete_vm("a", "");
+  ASSERT_TRUE(del_vm.is_ok());
+  wait_done(*del_vm);
+  EXPECT_TRUE(service_->network_ports("blue").empty());
+  EXPECT_NE(fw_.last_script.find("delete"), std::string::npos) << fw_.last_script;
+  EXPECT_NE(fw_.last_script.find(network::tap_name(a, 0)), std::string::npos) << fw_.last_script;
+  EXPECT_TRUE(dhcp_.servers["blue"].hosts.empty());
+
+  auto del = service_->delete_network("blue", "");
+  ASSERT_TRUE(del.is_ok()) << del.status().to_string();
+  wait_done(*del);
+  EXPECT_FALSE(service_->get_network("blue").is_ok());
+  EXPECT_FALSE(links_.has("nmbr4097"));
+  EXPECT_FALSE(links_.has("nmvx4097"));
+  EXPECT_FALSE(dhcp_.servers.count("blue"));
+  open_service();
+  EXPECT_TRUE(service_->list_networks("").empty());
+}
+
+TEST_F(NodeServiceNetworks, PortsSurviveARestartAndTheHostIsNotDisturbed) {
+  create_network(net_spec("blue", "contoso", 4097, "10.10.0.0/24"));
+  const VmId a = create("a", R"(,"networks":[{"network":"blue"}])");
+  const auto before = service_->vm_ports(a);
+  const int links_before = links_.mutations;
+  open_service();
+  EXPECT_EQ(service_->vm_ports(a), before);
+  EXPECT_EQ(links_.mutations, links_before);
+  EXPECT_EQ(dhcp_.servers["blue"].hosts.size(), 1U);
+}
+
+TEST_F(NodeServiceNetworks, TheAuditRepairsTheHostAndRecordsWhatItDid) {
+  create_network(net_spec("blue", "contoso", 4097, "10.10.0.0/24"));
+  create("a", R"(,"networks":[{"network":"blue"}])");
+  ASSERT_TRUE(settle());
+  links_.links.erase("nmbr4097");
+  dhcp_.servers.clear();
+  obs_.events.clear();
+  // audit() is a no-op while the previous audit is in flight: keep asking until one reports.
+  ASSERT_TRUE(loop_.run_until([&] {
+    service_->audit();
+    return std::any_of(obs_.events.begin(), obs_.events.end(),
+                       [](const EventRecord& e) { return e.kind == "NetworkRepaired"; });
+  }));
+  std::string repaired;
+  for (const auto& e : obs_.events) {
+    if (e.kind == "NetworkRepaired") repaired += e.payload_json + "\n";
+  }
+  EXPECT_NE(repaired.find("nmbr4097"), std::string::npos) << repaired;
+  EXPECT_TRUE(links_.has("nmbr4097"));
+  EXPECT_EQ(dhcp_.servers["blue"].hosts.size(), 1U);
 }
 
 }  // namespace

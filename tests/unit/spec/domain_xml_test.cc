@@ -40,7 +40,8 @@ DomainXmlInput base_input() {
       .disk_format = "qcow2",
       .kernel_path = std::nullopt,
       .initrd_path = std::nullopt,
-      .serial_log_path = "/var/lib/nodemanager/instances/" + kId.str() + "/serial.log"};
+      .serial_log_path = "/var/lib/nodemanager/instances/" + kId.str() + "/serial.log",
+      .interfaces = {}};
 }
 
 DomainXmlInput direct_kernel_qemu() {
@@ -70,6 +71,13 @@ DomainXmlInput escaped_paths() {
   DomainXmlInput in = base_input();
   in.disk_path = "/srv/a<b>/disk \"1\".qcow2";
   in.serial_log_path = "/srv/tom & jerry's/serial.log";
+  return in;
+}
+
+DomainXmlInput with_networks() {
+  DomainXmlInput in = direct_kernel_qemu();
+  in.interfaces = {{"02:1a:2b:3c:4d:5e", "nmbr4097", "nmt3f1c0a2b1230"},
+                   {"06:1a:2b:3c:4d:5f", "nmbr4098", "nmt3f1c0a2b1231"}};
   return in;
 }
 
@@ -106,6 +114,10 @@ TEST(DomainXmlGolden, TestDriver) {
 }
 TEST(DomainXmlGolden, EscapedPaths) {
   check_golden("escaped_paths", escaped_paths());
+}
+
+TEST(DomainXmlGolden, TwoTenantNetworkInterfaces) {
+  check_golden("with_networks", with_networks());
 }
 
 TEST(DomainXml, IsPureSameInputSameBytes) {

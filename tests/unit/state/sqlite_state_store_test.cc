@@ -253,12 +253,95 @@ TEST_F(SqliteStateStoreTest, MigratesAnEmptyFileAndUsesWal) {
   std::ofstream(path_).close();
   ASSERT_EQ(fs::file_size(path_), 0u);
   open();
-  EXPECT_EQ(store_->schema_version(), 2);
+  EXPECT_EQ(store_->schema_version(), 3);
   ASSERT_TRUE(put(vm_named("web-1", kId1)).is_ok());
   EXPECT_TRUE(fs::exists(path_ + "-wal"));
   open();  // already migrated: a no-op
-  EXPECT_EQ(store_->schema_version(), 2);
+  EXPECT_EQ(store_->schema_version(), 3);
   EXPECT_EQ(store_->list_vms()->size(), 1u);
+}
+
+NetworkRecord network_named(const std::string& name, uint32_t vni) {
+  NetworkRecord n;
+  n.spec = network::parse_network_spec(R"({"name":")" + name + R"(","tenant":"contoso","vni":)" +
+                                       std::to_string(vni) + R"(,"subnet":"10.1.0.0/24"})")
+               .value();
+  n.state = "ready";
+  n.created_us = n.updated_us = 7;
+  return n;
+}
+
+PortRecord port_of(const std::string& vm, const std::string& network, const std::string& ip,
+                   const std::string& ifname) {
+  PortRecord p;
+  p.vm = VmId::trusted(vm);
+  p.network = NetworkName::trusted(network);
+  p.ifname = ifname;
+  p.mac = network::derive_vm_mac(p.vm, 0);
+  p.ip = network::Ipv4Address::parse(ip, "ip").value();
+  p.hostname = "web-1";
+  return p;
+}
+
+TEST_F(SqliteStateStoreTest, NetworksAndPortsRoundTripAndPortsGoWithTheirVm) {
+  open();
+  ASSERT_TRUE(store_
+                  ->transact([&](StateTxn& txn) -> Status {
+                    NM_RETURN_IF_ERROR(txn.put_network(network_named("blue", 4097)));
+                    NM_RETURN_IF_ERROR(txn.put_vm(vm_named("web-1", kId1)));
+                    return txn.put_port(port_of(kId1, "blue", "10.1.0.3", "nmt111111111110"));
+                  })
+                  .is_ok());
+  open();  // durable
+  auto nets = store_->list_networks();
+  ASSERT_TRUE(nets.is_ok());
+  ASSERT_EQ(nets->size(), 1u);
+  EXPECT_EQ(nets->front(), network_named("blue", 4097));
+  auto ports = store_->list_ports();
+  ASSERT_TRUE(ports.is_ok());
+  ASSERT_EQ(ports->size(), 1u);
+  EXPECT_EQ(ports->front(), port_of(kId1, "blue", "10.1.0.3", "nmt111111111110"));
+
+  // A network with ports cannot go; once the VM is deleted its ports are gone too.
+  const Status busy = store_->transact(
+      [&](StateTxn& txn) { return txn.delete_network(NetworkName::trusted("blue")); });
+  EXPECT_EQ(busy.code(), Code::kConflict);
+  ASSERT_TRUE(
+      store_->transact([&](StateTxn& txn) { return txn.delete_vm(VmId::trusted(kId1)); }).is_ok());
+  EXPECT_TRUE(store_->list_ports()->empty());
+  ASSERT_TRUE(store_
+                  ->transact([&](StateTxn& txn) {
+                    return txn.delete_network(NetworkName::trusted("blue"));
+                  })
+                  .is_ok());
+  EXPECT_TRUE(store_->list_networks()->empty());
+}
+
+TEST_F(SqliteStateStoreTest, PortUniquenessIsEnforcedByTheDatabase) {
+  open();
+  ASSERT_TRUE(store_
+                  ->transact([&](StateTxn& txn) -> Status {
+                    NM_RETURN_IF_ERROR(txn.put_network(network_named("blue", 4097)));
+                    NM_RETURN_IF_ERROR(txn.put_vm(vm_named("web-1", kId1)));
+                    NM_RETURN_IF_ERROR(txn.put_vm(vm_named("web-2", kId2)));
+                    return txn.put_port(port_of(kId1, "blue", "10.1.0.3", "nmt111111111110"));
+                  })
+                  .is_ok());
+  // Same address on the same network.
+  Status s = store_->transact([&](StateTxn& txn) {
+    return txn.put_port(port_of(kId2, "blue", "10.1.0.3", "nmt222222222220"));
+  });
+  EXPECT_EQ(s.code(), Code::kAlreadyExists) << s.to_string();
+  // Same VNI on another network.
+  s = store_->transact(
+      [&](StateTxn& txn) { return txn.put_network(network_named("green", 4097)); });
+  EXPECT_EQ(s.code(), Code::kAlreadyExists) << s.to_string();
+  // A port on a network that does not exist.
+  s = store_->transact([&](StateTxn& txn) {
+    return txn.put_port(port_of(kId2, "nosuch", "10.1.0.4", "nmt222222222220"));
+  });
+  EXPECT_FALSE(s.is_ok());
+  EXPECT_EQ(store_->list_ports()->size(), 1u);
 }
 
 TEST_F(SqliteStateStoreTest, UnfinishedJobsSurviveAReopenUntilDeleted) {

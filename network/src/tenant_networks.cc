@@ -1,0 +1,254 @@
+#include "nm/network/tenant_networks.h"
+
+#include <algorithm>
+#include <map>
+#include <set>
+#include <utility>
+
+#include "nm/network/names.h"
+#include "nm/network/nft_ruleset.h"
+
+namespace nm::network {
+namespace {
+
+PortRule rule_of(const PortSpec& p) {
+  return PortRule{p.ifname, p.mac, p.ip};
+}
+
+std::string quoted(std::string_view kind, std::string_view name) {
+  return std::string(kind) + " '" + std::string(name) + "'";
+}
+
+}  // namespace
+
+TenantNetworks::TenantNetworks(Links& links, Firewall& firewall, Dhcp& dhcp, NetworkOptions options)
+    : links_(links), firewall_(firewall), dhcp_(dhcp), options_(std::move(options)) {}
+
+DhcpServerConfig TenantNetworks::dhcp_config(const NetworkSpec& network) const {
+  DhcpServerConfig c;
+  c.key = network.name.str();
+  c.netns = dhcp_netns_name(network.vni);
+  c.ifname = std::string(kDhcpInnerIfname);
+  c.subnet = network.subnet;
+  c.server = dhcp_server_address(network.subnet);
+  c.mtu = options_.mtu;
+  for (const auto& [_, p] : ports_) {
+    if (p.network == network.name) c.hosts.push_back(DhcpHost{p.mac, p.ip, p.hostname});
+  }
+  std::sort(c.hosts.begin(), c.hosts.end());
+  return c;
+}
+
+Status TenantNetworks::ensure_links(const NetworkSpec& network) {
+  if (options_.underlay.empty() && !network.peers.empty()) {
+    return invalid_argument("spec.peers: network '" + network.name.str() +
+                            "' has peers but this node has no underlay interface configured");
+  }
+  const std::string bridge = bridge_name(network.vni);
+  NM_RETURN_IF_ERROR(links_.ensure_bridge(bridge));
+  if (!options_.underlay.empty()) {
+    const std::string vxlan = vxlan_name(network.vni);
+    NM_RETURN_IF_ERROR(links_.ensure_vxlan(VxlanConfig{.name = vxlan,
+                                                       .vni = network.vni,
+                                                       .underlay = options_.underlay,
+                                                       .dstport = options_.vxlan_port,
+                                                       .bridge = bridge}));
+    NM_RETURN_IF_ERROR(links_.set_flood_peers(vxlan, network.peers));
+  }
+  return links_.ensure_dhcp_namespace(DhcpNamespaceConfig{
+      .netns = dhcp_netns_name(network.vni),
+      .host_ifname = dhcp_veth_name(network.vni),
+      .bridge = bridge,
+      .inner_ifname = std::string(kDhcpInnerIfname),
+      .subnet = network.subnet,
+      .address = dhcp_server_address(network.subnet),
+  });
+}
+
+Status TenantNetworks::realize_network(const NetworkSpec& network,
+                                       const std::vector<PortSpec>& ports) {
+  NM_RETURN_IF_ERROR(ensure_links(network));
+  bool changed = false;
+  for (const auto& p : ports) {
+    if (p.network != network.name) continue;
+    const auto old = ports_.find(p.ifname);
+    if (old != ports_.end() && old->second == p) continue;
+    ports_.insert_or_assign(p.ifname, p);
+    changed = true;
+  }
+  NM_RETURN_IF_ERROR(dhcp_.ensure(dhcp_config(network)));
+  if (changed || !fw_applied_) return apply_firewall();
+  return Status::ok();
+}
+
+Status TenantNetworks::remove_network(const NetworkSpec& network) {
+  NM_RETURN_IF_ERROR(dhcp_.stop(network.name.str()));
+  NM_RETURN_IF_ERROR(links_.delete_netns(dhcp_netns_name(network.vni)));
+  NM_RETURN_IF_ERROR(links_.delete_link(dhcp_veth_name(network.vni)));
+  NM_RETURN_IF_ERROR(links_.delete_link(vxlan_name(network.vni)));
+  NM_RETURN_IF_ERROR(links_.delete_link(bridge_name(network.vni)));
+  const size_t before = ports_.size();
+  std::erase_if(ports_, [&](const auto& kv) { return kv.second.network == network.name; });
+  if (ports_.size() != before) return apply_firewall();
+  return Status::ok();
+}
+
+Status TenantNetworks::add_port(const NetworkSpec& network, const PortSpec& port) {
+  const auto old = ports_.find(port.ifname);
+  const bool same = old != ports_.end() && old->second == port;
+  if (!same) {
+    const bool replaced = old != ports_.end();
+    ports_.insert_or_assign(port.ifname, port);
+    if (!fw_applied_ || replaced) {
+      NM_RETURN_IF_ERROR(apply_firewall());
+    } else if (Status s = firewall_.apply(render_add_port(rule_of(port))); !s.is_ok()) {
+      // The table may have been flushed behind our back: the full ruleset repairs that too.
+      NM_RETURN_IF_ERROR(apply_firewall());
+    } else {
+      last_listing_.clear();
+    }
+  }
+  return dhcp_.ensure(dhcp_config(network));
+}
+
+Status TenantNetworks::remove_port(const NetworkSpec& network, const PortSpec& port) {
+  if (const auto it = ports_.find(port.ifname); it != ports_.end()) {
+    ports_.erase(it);
+    if (!fw_applied_) {
+      NM_RETURN_IF_ERROR(apply_firewall());
+    } else if (Status s = firewall_.apply(render_remove_port(rule_of(port))); !s.is_ok()) {
+      NM_RETURN_IF_ERROR(apply_firewall());
+    } else {
+      last_listing_.clear();
+    }
+  }
+  return dhcp_.ensure(dhcp_config(network));
+}
+
+Status TenantNetworks::apply_firewall() {
+  std::vector<PortRule> rules;
+  rules.reserve(ports_.size());
+  for (const auto& [_, p] : ports_) rules.push_back(rule_of(p));
+  fw_applied_ = false;
+  last_listing_.clear();
+  NM_RETURN_IF_ERROR(firewall_.apply(render_ruleset(std::move(rules))));
+  fw_applied_ = true;
+  NM_ASSIGN_OR_RETURN(auto listing, firewall_.list_table());
+  last_listing_ = listing.value_or("");
+  return Status::ok();
+}
+
+Result<std::vector<Repair>> TenantNetworks::reconcile(const std::vector<NetworkSpec>& networks,
+                                                      const std::vector<PortSpec>& ports) {
+  std::vector<Repair> repairs;
+  NM_ASSIGN_OR_RETURN(auto links, links_.list_links());
+  std::map<std::string, LinkInfo> by_name;
+  for (auto& l : links) by_name.emplace(l.name, std::move(l));
+  NM_ASSIGN_OR_RETURN(auto namespaces, links_.list_netns());
+  const std::set<std::string> netns_set(namespaces.begin(), namespaces.end());
+  const auto running = dhcp_.running();
+  const std::set<std::string> running_set(running.begin(), running.end());
+
+  std::set<std::string> wanted_links;
+  std::set<std::string> wanted_netns;
+  std::set<std::string> wanted_dhcp;
+  for (const auto& p : ports) wanted_links.insert(p.ifname);
+
+  for (const auto& net : networks) {
+    const std::string bridge = bridge_name(net.vni);
+    const std::string vxlan = vxlan_name(net.vni);
+    const std::string veth = dhcp_veth_name(net.vni);
+    const std::string netns = dhcp_netns_name(net.vni);
+    wanted_links.insert({bridge, veth});
+    if (!options_.underlay.empty()) wanted_links.insert(vxlan);
+    wanted_netns.insert(netns);
+    wanted_dhcp.insert(net.name.str());
+
+    const auto br = by_name.find(bridge);
+    if (br == by_name.end()) {
+      repairs.push_back({quoted("bridge", bridge), "was missing; recreated"});
+    } else if (!br->second.up) {
+      repairs.push_back({quoted("bridge", bridge), "was down; set up"});
+    } else {
+      NM_ASSIGN_OR_RETURN(auto addrs, links_.addresses(bridge));
+      if (!addrs.empty()) {
+        repairs.push_back(
+            {quoted("bridge", bridge), "had an address (" + addrs.front().str() + "); removed"});
+      }
+    }
+    if (!options_.underlay.empty()) {
+      const auto vx = by_name.find(vxlan);
+      if (vx == by_name.end()) {
+        repairs.push_back({quoted("VXLAN device", vxlan), "was missing; recreated"});
+      } else {
+        NM_ASSIGN_OR_RETURN(auto peers, links_.flood_peers(vxlan));
+        std::sort(peers.begin(), peers.end());
+        auto want = net.peers;
+        std::sort(want.begin(), want.end());
+        if (peers != want) {
+          repairs.push_back({quoted("VXLAN device", vxlan), "flood peers differed; reset"});
+        }
+      }
+    }
+    if (!netns_set.count(netns) || !by_name.count(veth)) {
+      repairs.push_back({quoted("DHCP namespace", netns), "was missing; recreated"});
+    }
+    if (!running_set.count(net.name.str())) {
+      repairs.push_back(
+          {quoted("DHCP server of network", net.name.str()), "was not running; started"});
+    }
+  }
+  // The desired ports become the model before DHCP host lists are derived from it.
+  std::map<std::string, PortSpec> want;
+  for (const auto& p : ports) want.emplace(p.ifname, p);
+  const bool ports_changed = want != ports_;
+  ports_ = std::move(want);
+  for (const auto& net : networks) {
+    NM_RETURN_IF_ERROR(ensure_links(net));
+    NM_RETURN_IF_ERROR(dhcp_.ensure(dhcp_config(net)));
+  }
+
+  // Leftovers: our objects that no desired network or port explains. Others' are never touched.
+  for (const auto& [name, info] : by_name) {
+    if (!is_owned_ifname(name) || wanted_links.count(name)) continue;
+    NM_RETURN_IF_ERROR(links_.delete_link(name));
+    repairs.push_back({quoted("link", name), "belongs to no network or port; removed"});
+  }
+  for (const auto& ns : namespaces) {
+    if (ns.rfind("nm-dhcp-", 0) != 0 || wanted_netns.count(ns)) continue;
+    NM_RETURN_IF_ERROR(links_.delete_netns(ns));
+    repairs.push_back({quoted("namespace", ns), "belongs to no network; removed"});
+  }
+  for (const auto& key : running) {
+    if (wanted_dhcp.count(key)) continue;
+    NM_RETURN_IF_ERROR(dhcp_.stop(key));
+    repairs.push_back({quoted("DHCP server", key), "belongs to no network; stopped"});
+  }
+
+  // Firewall: the whole table when the port set changed or our last change was incremental,
+  // otherwise only when someone else changed it. A node that never had a port or network gets
+  // no table at all.
+  const std::string table = quoted("nft table", "bridge nodemanager");
+  if (ports_changed || !fw_applied_ || last_listing_.empty()) {
+    NM_ASSIGN_OR_RETURN(auto listing, firewall_.list_table());
+    // Ports without a table: after a host reboot, or someone deleted it.
+    if (!listing && (fw_applied_ || !ports_.empty())) {
+      repairs.push_back({table, "was missing; recreated"});
+    }
+    if (listing || !ports_.empty() || !networks.empty()) {
+      NM_RETURN_IF_ERROR(apply_firewall());
+    }
+  } else {
+    NM_ASSIGN_OR_RETURN(auto listing, firewall_.list_table());
+    if (!listing) {
+      repairs.push_back({table, "was missing; recreated"});
+      NM_RETURN_IF_ERROR(apply_firewall());
+    } else if (*listing != last_listing_) {
+      repairs.push_back({table, "was changed outside nodemanager; restored"});
+      NM_RETURN_IF_ERROR(apply_firewall());
+    }
+  }
+  return repairs;
+}
+
+}  // namespace nm::network
