@@ -1,14 +1,40 @@
 """Process-level test harness: a private dbus-daemon, a real nodemanagerd on libvirt's
 test:///default, and nodectl subprocess calls.
 
-Every Node gets its own temporary directory (bus socket, state dir, logs). Processes are started
-with subprocess.Popen and stopped by pid; nothing is looked up by name. Set NM_IT_KEEP=1 to keep
-the temporary directory of a failed test.
+Every Node gets its own temporary directory (bus socket, state dir, runtime dir, logs). Processes
+are started with subprocess.Popen and stopped by pid; nothing is looked up by name. Set
+NM_IT_KEEP=1 to keep the temporary directory of a failed test.
+
+A daemon reconciles the host's network state at start-up (it removes nmbr*/nmvx*/nmdh*/nmt* links
+its database does not explain and owns the nft table `bridge nodemanager`), so it never runs in
+the host's network namespace here. Each Node is a simulated host:
+
+- a network namespace of its own, `ip netns add`ed under the host's /run/netns (name in
+  `Node.netns`), where the daemon's bridges, veths and nft table live; observe it with
+  `ip netns exec <netns> ...` or `Node.run(...)`;
+- a "host" process (`Node.holder`) that sits in that network namespace and in a private mount
+  namespace with a tmpfs on /run/netns, so the DHCP namespaces the daemon binds there
+  (nm-dhcp-<vni>) are the Node's own and never show up in, or collide with, the real host's.
+
+Every daemon start enters both namespaces of the holder (`nsenter --target <holder> --mount
+--net`, which execs, so the daemon keeps the pid Popen returned and signals reach it). The holder
+outlives daemon restarts, so a restarted daemon finds the kernel state (links, nft table, DHCP
+namespaces, a dnsmasq left by a killed daemon) exactly as a real host would keep it. Note that
+`unshare --net=FILE` would not do: it creates a NEW namespace and mounts it over FILE.
+
+`Node.daemon_bin` is a small wrapper script doing that nsenter (and adding `--runtime-dir` when
+the caller gave none), so a test that starts the daemon itself with Popen(daemon_bin, ...) gets
+the same isolation; `Node.daemon_real` is the binary.
+
+Cleanup (`Node.close`) stops, by pid: the daemon, every dnsmasq whose --dhcp-hostsfile lies
+under the Node's runtime dir (a killed daemon leaves its dnsmasq running, as on a real host),
+the bus and the holder; then deletes the network namespace.
 
 Binaries come from NM_BUILD_DIR (set by ctest): <build>/nodemanager/daemon/nodemanagerd and
 <build>/nodemanager/cli/nodectl.
 """
 
+import itertools
 import json
 import os
 import shutil
@@ -29,6 +55,17 @@ BUS_CONFIG = """<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Config
   </policy>
 </busconfig>
 """
+
+WRAPPER = """#!/bin/sh
+# nodemanagerd inside the network and mount namespaces of test node {netns} (see harness.py).
+for a in "$@"; do
+  case "$a" in --runtime-dir|--runtime-dir=*) exec nsenter --target {holder} --mount --net -- \
+    {daemon} "$@";; esac
+done
+exec nsenter --target {holder} --mount --net -- {daemon} "$@" --runtime-dir {run_dir}
+"""
+
+_node_counter = itertools.count(1)
 
 SERVICE = "org.nodemanager.NodeManager1"
 MANAGER_PATH = "/org/nodemanager/NodeManager1"
@@ -64,21 +101,123 @@ class Node:
 
     def __init__(self):
         self.build = build_dir()
-        self.daemon_bin = os.path.join(self.build, "nodemanager", "daemon", "nodemanagerd")
+        self.daemon_real = os.path.join(self.build, "nodemanager", "daemon", "nodemanagerd")
         self.nodectl_bin = os.path.join(self.build, "nodemanager", "cli", "nodectl")
-        for b in (self.daemon_bin, self.nodectl_bin):
+        for b in (self.daemon_real, self.nodectl_bin):
             if not os.access(b, os.X_OK):
                 raise RuntimeError("missing binary '%s' (build it first)" % b)
         self.tmp = tempfile.mkdtemp(prefix="nm-daemon-it-")
+        # dnsmasq drops root: it must be able to traverse down to <tmp>/run/dhcp/<network>.
+        os.chmod(self.tmp, 0o711)
         self.socket = os.path.join(self.tmp, "bus")
         self.address = "unix:path=" + self.socket
         self.state_dir = os.path.join(self.tmp, "state")
+        self.run_dir = os.path.join(self.tmp, "run")
+        self.netns = "nm-it-%d-%d" % (os.getpid(), next(_node_counter))
+        self.netns_added = False
+        self.holder = None
         self.bus_proc = None
         self.daemon = None
         self.daemon_args = []
         self.starts = 0
         self.logs = []
         self.stdout_text = ""
+        try:
+            self._start_host()
+        except BaseException:
+            self.close()
+            raise
+
+    # ---- the simulated host: network namespace + private /run/netns ----
+
+    def _start_host(self):
+        subprocess.run(["ip", "netns", "add", self.netns], check=True, capture_output=True)
+        self.netns_added = True
+        subprocess.run(["ip", "-n", self.netns, "link", "set", "lo", "up"], check=True,
+                       capture_output=True)
+        # Holds the namespaces until close(): it waits for EOF on stdin, so it also goes away
+        # if this test process dies.
+        self.holder = subprocess.Popen(
+            ["nsenter", "--net=/run/netns/" + self.netns, "--",
+             "unshare", "--mount", "--propagation", "private", "--",
+             "sh", "-c", "mount -t tmpfs nm-netns /run/netns && echo ready && read _"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        line = self.holder.stdout.readline()
+        if line.strip() != "ready":
+            raise RuntimeError("namespace holder for '%s' did not start: %r %r" %
+                               (self.netns, line, self.holder.stderr.read()))
+        self.daemon_bin = os.path.join(self.tmp, "nodemanagerd")
+        with open(self.daemon_bin, "w") as f:
+            f.write(WRAPPER.format(netns=self.netns, holder=self.holder.pid,
+                                   daemon=self.daemon_real, run_dir=self.run_dir))
+        os.chmod(self.daemon_bin, 0o755)
+
+    def run(self, *argv, check=False, timeout=30, input=None):
+        """Runs argv on this node (its network namespace and its /run/netns); returns the
+        CompletedProcess (text). With check, a non-zero exit raises."""
+        p = subprocess.run(["nsenter", "--target", str(self.holder.pid), "--mount", "--net",
+                            "--"] + list(argv), capture_output=True, text=True, timeout=timeout,
+                           input=input)
+        if check and p.returncode != 0:
+            raise RuntimeError("%s on node '%s' exited %d: %s" %
+                               (" ".join(argv), self.netns, p.returncode, p.stderr))
+        return p
+
+    def links(self):
+        """The node's links as {ifname: `ip -j addr` entry} (with "addr_info", "operstate"...)."""
+        out = self.run("ip", "-j", "addr", "show", check=True).stdout
+        return {link["ifname"]: link for link in json.loads(out)}
+
+    def netns_list(self):
+        """Names under the node's private /run/netns (the daemon's DHCP namespaces)."""
+        out = self.run("ip", "-j", "netns", "list", check=True).stdout
+        return sorted(n["name"] for n in json.loads(out)) if out.strip() else []
+
+    def netns_inode(self, name):
+        """Inode of the namespace bound at the node's /run/netns/<name> (compare with
+        os.stat("/proc/<pid>/ns/net").st_ino to see where a process runs); None if absent."""
+        p = self.run("stat", "-L", "-c", "%i", "/run/netns/" + name)
+        return int(p.stdout) if p.returncode == 0 else None
+
+    def nft_table(self):
+        """`nft list table bridge nodemanager` on the node; None when the table does not exist."""
+        p = self.run("nft", "list", "table", "bridge", "nodemanager")
+        return p.stdout if p.returncode == 0 else None
+
+    def dnsmasq_pids(self):
+        """{network name: pid} of the dnsmasq processes serving this node (see
+        dnsmasq_processes(); with two for one network, one of them)."""
+        return dict(self.dnsmasq_processes())
+
+    def dnsmasq_processes(self):
+        """Sorted [(network name, pid)] of the live dnsmasq processes serving this node, found by
+        their --dhcp-hostsfile under the node's runtime dir, wherever their parent is."""
+        prefix = "--dhcp-hostsfile=" + self.run_dir + "/dhcp/"
+        out = []
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                with open("/proc/%s/cmdline" % entry, "rb") as f:
+                    args = f.read().decode(errors="replace").split("\0")
+                with open("/proc/%s/stat" % entry) as f:
+                    state = f.read().rsplit(")", 1)[1].split()[0]
+            except OSError:
+                continue
+            if state == "Z":
+                continue
+            for a in args:
+                if a.startswith(prefix):
+                    out.append((a[len(prefix):].split("/", 1)[0], int(entry)))
+        return sorted(out)
+
+    def dhcp_hosts(self, network):
+        """The dnsmasq hosts file of `network` (None if absent)."""
+        try:
+            with open(os.path.join(self.run_dir, "dhcp", network, "hosts")) as f:
+                return f.read()
+        except OSError:
+            return None
 
     # ---- bus ----
 
@@ -104,7 +243,8 @@ class Node:
         self.logs.append(log_path)
         self.daemon_args = [
             self.daemon_bin, "--bus", self.address, "--libvirt-uri", "test:///default",
-            "--state-dir", self.state_dir, "--log-level", "debug"] + list(extra_args)
+            "--state-dir", self.state_dir, "--runtime-dir", self.run_dir,
+            "--log-level", "debug"] + list(extra_args)
         self.log_file = open(log_path, "w")
         self.daemon = subprocess.Popen(self.daemon_args, stdout=subprocess.PIPE,
                                        stderr=self.log_file, text=True)
@@ -180,11 +320,37 @@ class Node:
 
     # ---- teardown ----
 
+    def _stop_dnsmasq(self):
+        """SIGTERM, then SIGKILL, to the node's dnsmasq processes, by pid. They are not our
+        children (the daemon started them), so their end is seen in /proc."""
+        pids = [pid for _, pid in self.dnsmasq_processes()]
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            for pid in pids:
+                try:
+                    os.kill(pid, sig)
+                except ProcessLookupError:
+                    pass
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline:
+                pids = [p for p in pids if self._alive(p)]
+                if not pids:
+                    return
+                time.sleep(0.05)
+
+    @staticmethod
+    def _alive(pid):
+        try:
+            with open("/proc/%d/stat" % pid) as f:
+                return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+        except OSError:
+            return False
+
     def close(self, keep=False):
         if self.daemon is not None and self.daemon.poll() is None:
             self.daemon.send_signal(signal.SIGKILL)
             self.daemon.wait(timeout=10)
             self._close_daemon()
+        self._stop_dnsmasq()
         if self.bus_proc is not None and self.bus_proc.poll() is None:
             self.bus_proc.send_signal(signal.SIGTERM)
             try:
@@ -194,5 +360,20 @@ class Node:
                 self.bus_proc.wait(timeout=5)
         if self.bus_proc is not None and self.bus_proc.stdout:
             self.bus_proc.stdout.close()
+        if self.holder is not None:
+            if self.holder.poll() is None:
+                try:
+                    self.holder.stdin.close()
+                    self.holder.wait(timeout=5)
+                except (OSError, subprocess.TimeoutExpired):
+                    self.holder.send_signal(signal.SIGKILL)
+                    self.holder.wait(timeout=5)
+            for f in (self.holder.stdin, self.holder.stdout, self.holder.stderr):
+                if f and not f.closed:
+                    f.close()
+            self.holder = None
+        if self.netns_added:
+            subprocess.run(["ip", "netns", "del", self.netns], capture_output=True)
+            self.netns_added = False
         if not keep:
             shutil.rmtree(self.tmp, ignore_errors=True)
