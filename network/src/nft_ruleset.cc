@@ -123,6 +123,12 @@ std::string render_ruleset(std::vector<PortRule> ports) {
       out, "port_arp", "",
       {"arp htype != 1 drop", "arp ptype != ip drop", "arp hlen != 6 drop", "arp plen != 4 drop",
        arp_mac_check, arp_ip_accept, "arp operation request arp saddr ip 0.0.0.0 accept", "drop"});
+  // DHCP stays on its host: every host of a network runs its own server with the same address
+  // and only knows the leases of its own ports, so a server must neither hear clients nor be
+  // heard across the VXLAN device (a remote server would refuse a lease it does not know).
+  render_chain(
+      out, "forward", "type filter hook forward priority filter; policy accept;",
+      {"iifname \"nmdh*\" oifname \"nmvx*\" drop", "iifname \"nmvx*\" oifname \"nmdh*\" drop"});
   out += "}\n";
   return out;
 }

@@ -18,6 +18,10 @@
 //   - every other EtherType (IPv6, VLAN-tagged frames...) is dropped: tenant networks are IPv4.
 // A frame from an interface named like a VM tap ("nmt*", see tap_name()) that is not in `ports`
 // is dropped: a tap whose port was never added (or was already removed) fails closed.
+// A second base chain, on the bridge forward hook, keeps DHCP on its host: frames between the
+// DHCP veth (nmdh*) and the VXLAN device (nmvx*) are dropped both ways, because every host of a
+// network runs its own server (same address, only its own ports' leases); a remote server would
+// refuse (DHCPNAK) a lease it does not know.
 // Every rule, set and chain (and the table) carries the comment "nodemanager" so an operator
 // listing the ruleset knows its owner.
 #pragma once
