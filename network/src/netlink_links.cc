@@ -661,6 +661,18 @@ Status NetlinkLinks::ensure_tap(const std::string& name, const std::string& brid
                       "attaching tap " + quote(name) + " to " + quote(bridge));
 }
 
+Status NetlinkLinks::attach_port(const std::string& name, const std::string& bridge) {
+  NM_RETURN_IF_ERROR(check_ifname(name, "port"));
+  NM_RETURN_IF_ERROR(check_ifname(bridge, "bridge"));
+  std::lock_guard lock(mu_);
+  nl_sock* sock = socket_->sock.get();
+  NM_ASSIGN_OR_RETURN(LinkPtr br, get_bridge(sock, bridge));
+  NM_ASSIGN_OR_RETURN(LinkPtr link, find_link(sock, name));
+  if (!link) return Status::ok();
+  return ensure_up_on(sock, link.get(), rtnl_link_get_ifindex(br.get()),
+                      "attaching port " + quote(name) + " to " + quote(bridge));
+}
+
 Status NetlinkLinks::ensure_dhcp_namespace(const DhcpNamespaceConfig& config) {
   NM_RETURN_IF_ERROR(check_netns_name(config.netns));
   NM_RETURN_IF_ERROR(check_ifname(config.host_ifname, "host_ifname"));

@@ -208,6 +208,21 @@ Result<std::vector<Repair>> TenantNetworks::reconcile(const std::vector<NetworkS
     NM_RETURN_IF_ERROR(dhcp_.ensure(dhcp_config(net)));
   }
 
+  // VM ports that exist (their VM runs) but are off their bridge: a bridge recreated above
+  // comes back empty, and the guests must not stay cut off until they restart.
+  std::map<std::string, Vni> vni_of;
+  for (const auto& net : networks) vni_of.emplace(net.name.str(), net.vni);
+  for (const auto& p : ports) {
+    const auto link = by_name.find(p.ifname);
+    const auto vni = vni_of.find(p.network.str());
+    if (link == by_name.end() || vni == vni_of.end()) continue;  // VM not running
+    const std::string bridge = bridge_name(vni->second);
+    if (link->second.master == bridge && link->second.up) continue;
+    NM_RETURN_IF_ERROR(links_.attach_port(p.ifname, bridge));
+    repairs.push_back(
+        {quoted("port", p.ifname), "was not on bridge '" + bridge + "'; re-attached"});
+  }
+
   // Leftovers: our objects that no desired network or port explains. Others' are never touched.
   for (const auto& [name, info] : by_name) {
     if (!is_owned_ifname(name) || wanted_links.count(name)) continue;

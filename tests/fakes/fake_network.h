@@ -68,6 +68,15 @@ class FakeLinks final : public network::Links {
     links[name].info = {name, "tun", true, bridge};
     return Status::ok();
   }
+  Status attach_port(const std::string& name, const std::string& bridge) override {
+    std::lock_guard lock(mu);
+    auto it = links.find(name);
+    if (it == links.end()) return Status::ok();
+    if (it->second.info.master != bridge || !it->second.info.up) ++mutations;
+    it->second.info.master = bridge;
+    it->second.info.up = true;
+    return Status::ok();
+  }
   Status ensure_dhcp_namespace(const network::DhcpNamespaceConfig& c) override {
     std::lock_guard lock(mu);
     NM_RETURN_IF_ERROR(check(c.host_ifname, "veth"));

@@ -189,6 +189,28 @@ TEST_F(TenantNetworksTest, ReconcileRecreatesWhatWasDeletedBehindOurBack) {
   EXPECT_NE(fw_.table->find(ports[0].ifname), std::string::npos);
 }
 
+TEST_F(TenantNetworksTest, ReconcilePutsRunningPortsBackOnARecreatedBridge) {
+  auto tn = make();
+  const auto blue = net("blue", 4097, "10.10.0.0/24");
+  const std::vector<PortSpec> ports = {port(kVm1, "blue", "10.10.0.3"),
+                                       port(kVm2, "blue", "10.10.0.4")};
+  ASSERT_TRUE(tn.reconcile({blue}, ports).is_ok());
+  // VM 1 runs (libvirt made its tap); VM 2 does not. Then the bridge is deleted, which leaves the
+  // tap without a master.
+  links_.links[ports[0].ifname].info = {ports[0].ifname, "tun", true, std::nullopt};
+  links_.links.erase("nmbr4097");
+  auto repairs = tn.reconcile({blue}, ports);
+  ASSERT_TRUE(repairs.is_ok());
+  EXPECT_TRUE(links_.has("nmbr4097"));
+  EXPECT_EQ(links_.links[ports[0].ifname].info.master, "nmbr4097");
+  EXPECT_FALSE(links_.has(ports[1].ifname));  // nothing invented for a VM that is not running
+  std::string all;
+  for (const auto& r : *repairs) all += r.object + ": " + r.what + "\n";
+  EXPECT_NE(all.find("port '" + ports[0].ifname + "': was not on bridge 'nmbr4097'"),
+            std::string::npos)
+      << all;
+}
+
 TEST_F(TenantNetworksTest, ReconcileRestoresATamperedTable) {
   auto tn = make();
   const auto blue = net("blue", 4097, "10.10.0.0/24");

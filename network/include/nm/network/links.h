@@ -59,6 +59,9 @@ class Links {
   // A persistent tap device, up, enslaved to `bridge` (VM ports libvirt does not create itself,
   // benchmarks).
   virtual Status ensure_tap(const std::string& name, const std::string& bridge) = 0;
+  // Puts an existing VM port (the tap libvirt made, or a veth in tests) on `bridge` and up. OK
+  // and nothing done when the port does not exist (its VM is not running).
+  virtual Status attach_port(const std::string& name, const std::string& bridge) = 0;
   // The DHCP namespace: the namespace, a veth pair with one end on the bridge (up, IPv6 off, no
   // address) and the other inside the namespace holding `address` (up), loopback up inside.
   virtual Status ensure_dhcp_namespace(const DhcpNamespaceConfig& config) = 0;

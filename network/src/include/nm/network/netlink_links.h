@@ -70,6 +70,7 @@ class NetlinkLinks final : public Links {
   // An existing device of that name must be a tap (Conflict for a tun or anything else); it is
   // reused as it is, even when a process (QEMU) has it open.
   Status ensure_tap(const std::string& name, const std::string& bridge) override;
+  Status attach_port(const std::string& name, const std::string& bridge) override;
   // The namespace file is (re)bound when missing or stale (a file that is not a namespace). The
   // veth pair is created with its inner end directly inside the namespace, so two networks can
   // use the same inner name at once. An existing pair is kept when the host end's peer is the
