@@ -2,14 +2,16 @@
 # A guided tour of nodemanager on this machine, narrated step by step:
 #
 #   packaging/demo.sh          on libvirt's built-in test driver (test:///default): no VMs really
-#                              run, nothing on the host changes, needs no root
+#                              run, nothing on the host changes. As root, the daemon runs in a
+#                              network namespace of its own and the tour includes tenant networks
+#                              (bridges, DHCP, anti-spoofing rules); without root it skips them
 #   packaging/demo.sh --real   on real libvirtd + QEMU (TCG), booting the tiny test guest; needs
 #                              root (starts libvirtd & co. if they are not running)
 #
 # It builds what is missing (packaging/install-deps.sh + the default CMake preset; both do nothing
 # when everything is in place), starts a private dbus-daemon and nodemanagerd with a temporary
-# state directory, then drives everything with nodectl: imports images, creates two VMs for two
-# tenants, starts them, lists them, shows one, stops and deletes one, prints the event stream and
+# state directory, then drives everything with nodectl: imports images, creates a tenant network
+# for each of two tenants (same subnet, isolated), creates two VMs on them, starts them, lists them, shows one, stops and deletes one, prints the event stream and
 # shuts down cleanly. Everything it started is stopped and its temp files removed on exit, also
 # on failure or Ctrl-C.
 #
@@ -36,6 +38,8 @@ state="$tmp/state"
 bus="unix:path=$tmp/bus"
 bus_pid=""
 daemon_pid=""
+netns=""
+networks=0
 pool="nm-demo-$(basename "$tmp" | cut -d. -f2 | tr '[:upper:]' '[:lower:]')"
 export NM_SERVICES_STATE="$tmp/services.pids"
 
@@ -47,6 +51,13 @@ cleanup() {
     kill -TERM "$daemon_pid"
     wait "$daemon_pid"
   fi
+  # dnsmasq drops root and so outlives a killed daemon: stop ours by their files' location.
+  for pid in $(pgrep -x dnsmasq 2>/dev/null); do
+    if tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -q -- "$tmp/run/"; then
+      kill -TERM "$pid" 2>/dev/null
+    fi
+  done
+  [ -n "$netns" ] && ip netns del "$netns" 2>/dev/null
   if [ "$real" = 1 ]; then
     # The overlay pool nodemanagerd defined points into our temp dir: remove it with the dir.
     if virsh -q -c qemu:///system pool-info "$pool" >/dev/null 2>&1; then
@@ -77,6 +88,7 @@ nodectl="$build/nodemanager/cli/nodectl"
 note "nodemanagerd: $nodemanagerd"
 note "nodectl:      $nodectl"
 
+[ "$(id -u)" -eq 0 ] && networks=1
 if [ "$real" = 1 ]; then
   [ "$(id -u)" -eq 0 ] || { echo "demo: --real needs root" >&2; exit 1; }
   step "Start libvirtd, virtlogd and the system bus (if not running yet)"
@@ -97,10 +109,28 @@ bus_pid=$!
 for _ in $(seq 50); do [ -S "$tmp/bus" ] && break; sleep 0.1; done
 [ -S "$tmp/bus" ] || { echo "demo: dbus-daemon did not start" >&2; exit 1; }
 
+# dnsmasq (DHCP of tenant networks) runs as its own user: it must reach its files in $tmp/run.
+chmod 0711 "$tmp"
+launch=()
+if [ "$networks" = 1 ] && [ "$real" = 0 ]; then
+  # The daemon owns the network state of its host: give it a host of its own, a network namespace
+  # with a private /run/netns, so the demo changes nothing on this machine.
+  netns="nm-demo-$(basename "$tmp" | cut -d. -f2 | tr '[:upper:]' '[:lower:]')"
+  ip netns add "$netns"
+  launch=(ip netns exec "$netns" unshare --mount --propagation private
+    sh -c 'mount -t tmpfs nm-netns /run/netns && exec "$0" "$@"')
+  host() { ip netns exec "$netns" "$@"; }
+else
+  host() { "$@"; }
+fi
+
 step "Start nodemanagerd on $uri with state in $state"
-note "nodemanagerd --bus $bus --libvirt-uri $uri ${extra[*]:+${extra[*]} }--state-dir $state"
-"$nodemanagerd" --config /dev/null --bus "$bus" --libvirt-uri "$uri" "${extra[@]}" \
-  --state-dir "$state" </dev/null >"$tmp/nodemanagerd.log" 2>&1 &
+note "nodemanagerd --bus $bus --libvirt-uri $uri ${extra[*]:+${extra[*]} }--state-dir $state --runtime-dir $tmp/run"
+if [ -n "$netns" ]; then
+  note "(inside network namespace '$netns': its own bridges, nft table and DHCP servers)"
+fi
+"${launch[@]}" "$nodemanagerd" --config /dev/null --bus "$bus" --libvirt-uri "$uri" "${extra[@]}" \
+  --state-dir "$state" --runtime-dir "$tmp/run" </dev/null >"$tmp/nodemanagerd.log" 2>&1 &
 daemon_pid=$!
 for _ in $(seq 100); do
   "$nodectl" --bus "$bus" vm list >/dev/null 2>&1 && break
@@ -123,20 +153,42 @@ else
 fi
 show image list
 
+if [ "$networks" = 1 ]; then
+  step "Create a tenant network for each tenant: the same subnet, separate segments"
+  vni=4101
+  for tenant in contoso fabrikam; do
+    cat >"$tmp/$tenant-net.json" <<EOF
+{ "name": "$tenant-net", "tenant": "$tenant", "vni": $vni, "subnet": "10.20.0.0/24" }
+EOF
+    note "spec $tenant-net.json: $(tr -s ' \n' ' ' <"$tmp/$tenant-net.json")"
+    show network create -f "$tmp/$tenant-net.json" --wait
+    vni=$((vni + 1))
+  done
+  show network list
+  note "on the host: one bridge per network (no address on it), a veth into each DHCP namespace:"
+  host ip -br link | grep -E '^nm' | sed 's/^/    /'
+else
+  step "Tenant networks: skipped (they need root: bridges, nftables, network namespaces)"
+fi
+
 step "Create two VMs for two tenants"
 for vm in web-1:contoso db-1:fabrikam; do
   name="${vm%%:*}"
   tenant="${vm#*:}"
   if [ "$real" = 1 ]; then
-    boot='"kernel_image": "demo-kernel:1", "initrd_image": "demo-initrd:1", "cmdline": "console=ttyS0",'
+    cmdline="console=ttyS0"
+    [ "$networks" = 1 ] && cmdline="console=ttyS0 nm.net=1"
+    boot='"kernel_image": "demo-kernel:1", "initrd_image": "demo-initrd:1", "cmdline": "'"$cmdline"'",'
     memory=256
   else
     boot=''
     memory=512
   fi
+  nets=''
+  [ "$networks" = 1 ] && nets='"networks": [{ "network": "'"$tenant"'-net" }],'
   cat >"$tmp/$name.json" <<EOF
 { "name": "$name", "tenant": "$tenant", "vcpus": 1, "memory_mib": $memory,
-  "image": "demo-disk:1", $boot "autostart": true }
+  "image": "demo-disk:1", $boot $nets "autostart": true }
 EOF
   note "spec $name.json: $(tr -s ' \n' ' ' <"$tmp/$name.json")"
   show vm create -f "$tmp/$name.json" --wait
@@ -152,6 +204,13 @@ show vm list --tenant contoso
 
 step "Show one"
 show vm show web-1
+
+if [ "$networks" = 1 ]; then
+  step "Its port: address and MAC from the network, a fixed DHCP lease, anti-spoofing elements"
+  show network show contoso-net
+  note "nft table 'bridge nodemanager' holds each port's only allowed IPv4 (sets keyed by tap):"
+  host nft list set bridge nodemanager port_ips | sed 's/^/    /'
+fi
 
 if [ "$real" = 1 ]; then
   step "Read web-1's serial console until the guest says it booted"
@@ -176,6 +235,11 @@ show events
 step "Clean up: stop and delete web-1 too, then stop the daemon with SIGTERM"
 show vm stop web-1 --force --wait
 show vm delete web-1 --wait
+if [ "$networks" = 1 ]; then
+  show network delete contoso-net --wait
+  show network delete fabrikam-net --wait
+  show network list
+fi
 kill -TERM "$daemon_pid"
 rc=0
 wait "$daemon_pid" || rc=$?

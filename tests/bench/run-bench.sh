@@ -120,7 +120,7 @@ pids+=($!)
 wait_for_name org.libvirt "${pids[-1]}" "$tmp/libvirt-dbus.log"
 
 "$daemon" --bus "$address" --libvirt-uri test:///default --state-dir "$state" \
-  --log-level warn >"$tmp/nodemanagerd.log" 2>&1 &
+  --runtime-dir "$tmp/run" --log-level warn >"$tmp/nodemanagerd.log" 2>&1 &
 pids+=($!)
 wait_for_name org.nodemanager.NodeManager1 "${pids[-1]}" "$tmp/nodemanagerd.log"
 

@@ -149,7 +149,7 @@ class Harness:
         env = dict(os.environ, NOTIFY_SOCKET=notify_path)
         argv = [self.args.nodemanagerd, "--config", "/dev/null", "--bus", self.bus_addr,
                 "--libvirt-uri", URI, "--domain-type", "qemu", "--state-dir", self.state_dir,
-                "--storage-pool", self.pool]
+                "--storage-pool", self.pool, "--runtime-dir", os.path.join(self.tmp, "run")]
         log("starting " + " ".join(argv))
         with open(self.daemon_log, "wb") as out:
             self.daemon = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=out,
