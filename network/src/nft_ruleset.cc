@@ -128,7 +128,7 @@ std::string render_ruleset(std::vector<PortRule> ports) {
   // heard across the VXLAN device (a remote server would refuse a lease it does not know).
   render_chain(
       out, "forward", "type filter hook forward priority filter; policy accept;",
-      {"iifname \"nmdh*\" oifname \"nmvx*\" drop", "iifname \"nmvx*\" oifname \"nmdh*\" drop"});
+      {R"(iifname "nmdh*" oifname "nmvx*" drop)", R"(iifname "nmvx*" oifname "nmdh*" drop)"});
   out += "}\n";
   return out;
 }

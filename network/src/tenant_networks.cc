@@ -15,6 +15,14 @@ PortRule rule_of(const PortSpec& p) {
   return PortRule{p.ifname, p.mac, p.ip};
 }
 
+// A repair that was made.
+Repair done(std::string object, std::string what, std::string network = {}) {
+  return Repair{.object = std::move(object),
+                .what = std::move(what),
+                .network = std::move(network),
+                .failed = false};
+}
+
 std::string quoted(std::string_view kind, std::string_view name) {
   return std::string(kind) + " '" + std::string(name) + "'";
 }
@@ -77,11 +85,13 @@ Status TenantNetworks::realize_network(const NetworkSpec& network,
     changed = true;
   }
   NM_RETURN_IF_ERROR(dhcp_.ensure(dhcp_config(network)));
-  if (changed || !fw_applied_) return apply_firewall();
+  if (changed || !fw_applied_) NM_RETURN_IF_ERROR(apply_firewall());
+  realized_.insert(network.name.str());
   return Status::ok();
 }
 
 Status TenantNetworks::remove_network(const NetworkSpec& network) {
+  realized_.erase(network.name.str());
   NM_RETURN_IF_ERROR(dhcp_.stop(network.name.str()));
   NM_RETURN_IF_ERROR(links_.delete_netns(dhcp_netns_name(network.vni)));
   NM_RETURN_IF_ERROR(links_.delete_link(dhcp_veth_name(network.vni)));
@@ -94,14 +104,21 @@ Status TenantNetworks::remove_network(const NetworkSpec& network) {
 }
 
 Status TenantNetworks::add_port(const NetworkSpec& network, const PortSpec& port) {
+  // The network's bridge and DHCP namespace first: a VM may be created while the network's own
+  // job has not run yet, or after it failed.
+  if (!realized_.count(network.name.str())) {
+    NM_RETURN_IF_ERROR(ensure_links(network));
+    realized_.insert(network.name.str());
+  }
   const auto old = ports_.find(port.ifname);
   const bool same = old != ports_.end() && old->second == port;
-  if (!same) {
-    const bool replaced = old != ports_.end();
-    ports_.insert_or_assign(port.ifname, port);
-    if (!fw_applied_ || replaced) {
-      NM_RETURN_IF_ERROR(apply_firewall());
-    } else if (Status s = firewall_.apply(render_add_port(rule_of(port))); !s.is_ok()) {
+  const bool replaced = old != ports_.end() && !same;
+  ports_.insert_or_assign(port.ifname, port);
+  if (!fw_applied_ || replaced) {
+    // Nothing applied yet (or a port changed its MAC/IP: its old elements must go): all of it.
+    NM_RETURN_IF_ERROR(apply_firewall());
+  } else if (!same) {
+    if (Status s = firewall_.apply(render_add_port(rule_of(port))); !s.is_ok()) {
       // The table may have been flushed behind our back: the full ruleset repairs that too.
       NM_RETURN_IF_ERROR(apply_firewall());
     } else {
@@ -148,13 +165,50 @@ Result<std::vector<Repair>> TenantNetworks::reconcile(const std::vector<NetworkS
   const std::set<std::string> netns_set(namespaces.begin(), namespaces.end());
   const auto running = dhcp_.running();
   const std::set<std::string> running_set(running.begin(), running.end());
+  // A step that fails is reported and the others still run: one broken network must not keep
+  // the firewall or the other networks from being put right.
+  const auto failed = [&repairs](std::string object, const Status& s, std::string network = {}) {
+    repairs.push_back(
+        Repair{.object = std::move(object),
+               .what = "could not be repaired: " + s.message() + "; retrying at the next audit",
+               .network = std::move(network),
+               .failed = true});
+  };
 
+  // 1. The firewall, first: it depends on the ports only. When the port set changed, nothing
+  //    counts as applied until the whole table is (add_port() then never skips a port whose
+  //    elements a failed step did not install).
+  std::map<std::string, PortSpec> want;
+  for (const auto& p : ports) want.emplace(p.ifname, p);
+  if (want != ports_) {
+    ports_ = std::move(want);
+    fw_applied_ = false;
+    last_listing_.clear();
+  }
+  const std::string table = quoted("nft table", "bridge nodemanager");
+  if (auto listing = firewall_.list_table(); !listing.is_ok()) {
+    failed(table, listing.status());
+  } else if (!fw_applied_ || last_listing_.empty()) {
+    // Ports without a table: after a host reboot, or someone deleted it. A node that never had
+    // a port or network gets no table at all.
+    if (!*listing && (fw_applied_ || !ports_.empty())) {
+      repairs.push_back(done(table, "was missing; recreated"));
+    }
+    if (*listing || !ports_.empty() || !networks.empty()) {
+      if (Status s = apply_firewall(); !s.is_ok()) failed(table, s);
+    }
+  } else if (!*listing || **listing != last_listing_) {
+    repairs.push_back(done(
+        table, *listing ? "was changed outside nodemanager; restored" : "was missing; recreated"));
+    if (Status s = apply_firewall(); !s.is_ok()) failed(table, s);
+  }
+
+  // 2. Each network on its own.
   std::set<std::string> wanted_links;
   std::set<std::string> wanted_netns;
   std::set<std::string> wanted_dhcp;
-  for (const auto& p : ports) wanted_links.insert(p.ifname);
-
   for (const auto& net : networks) {
+    const std::string name = net.name.str();
     const std::string bridge = bridge_name(net.vni);
     const std::string vxlan = vxlan_name(net.vni);
     const std::string veth = dhcp_veth_name(net.vni);
@@ -162,54 +216,50 @@ Result<std::vector<Repair>> TenantNetworks::reconcile(const std::vector<NetworkS
     wanted_links.insert({bridge, veth});
     if (!options_.underlay.empty()) wanted_links.insert(vxlan);
     wanted_netns.insert(netns);
-    wanted_dhcp.insert(net.name.str());
+    wanted_dhcp.insert(name);
 
+    std::vector<Repair> found;
     const auto br = by_name.find(bridge);
     if (br == by_name.end()) {
-      repairs.push_back({quoted("bridge", bridge), "was missing; recreated"});
+      found.push_back(done(quoted("bridge", bridge), "was missing; recreated", name));
     } else if (!br->second.up) {
-      repairs.push_back({quoted("bridge", bridge), "was down; set up"});
-    } else {
-      NM_ASSIGN_OR_RETURN(auto addrs, links_.addresses(bridge));
-      if (!addrs.empty()) {
-        repairs.push_back(
-            {quoted("bridge", bridge), "had an address (" + addrs.front().str() + "); removed"});
-      }
+      found.push_back(done(quoted("bridge", bridge), "was down; set up", name));
+    } else if (auto addrs = links_.addresses(bridge); addrs.is_ok() && !addrs->empty()) {
+      found.push_back(done(quoted("bridge", bridge),
+                           "had an address (" + addrs->front().str() + "); removed", name));
     }
     if (!options_.underlay.empty()) {
-      const auto vx = by_name.find(vxlan);
-      if (vx == by_name.end()) {
-        repairs.push_back({quoted("VXLAN device", vxlan), "was missing; recreated"});
-      } else {
-        NM_ASSIGN_OR_RETURN(auto peers, links_.flood_peers(vxlan));
-        std::sort(peers.begin(), peers.end());
-        auto want = net.peers;
-        std::sort(want.begin(), want.end());
-        if (peers != want) {
-          repairs.push_back({quoted("VXLAN device", vxlan), "flood peers differed; reset"});
+      if (!by_name.count(vxlan)) {
+        found.push_back(done(quoted("VXLAN device", vxlan), "was missing; recreated", name));
+      } else if (auto peers = links_.flood_peers(vxlan); peers.is_ok()) {
+        std::sort(peers->begin(), peers->end());
+        auto expected = net.peers;
+        std::sort(expected.begin(), expected.end());
+        if (*peers != expected) {
+          found.push_back(done(quoted("VXLAN device", vxlan), "flood peers differed; reset", name));
         }
       }
     }
     if (!netns_set.count(netns) || !by_name.count(veth)) {
-      repairs.push_back({quoted("DHCP namespace", netns), "was missing; recreated"});
+      found.push_back(done(quoted("DHCP namespace", netns), "was missing; recreated", name));
     }
-    if (!running_set.count(net.name.str())) {
-      repairs.push_back(
-          {quoted("DHCP server of network", net.name.str()), "was not running; started"});
+    if (!running_set.count(name)) {
+      found.push_back(
+          done(quoted("DHCP server of network", name), "was not running; started", name));
     }
-  }
-  // The desired ports become the model before DHCP host lists are derived from it.
-  std::map<std::string, PortSpec> want;
-  for (const auto& p : ports) want.emplace(p.ifname, p);
-  const bool ports_changed = want != ports_;
-  ports_ = std::move(want);
-  for (const auto& net : networks) {
-    NM_RETURN_IF_ERROR(ensure_links(net));
-    NM_RETURN_IF_ERROR(dhcp_.ensure(dhcp_config(net)));
+    Status s = ensure_links(net);
+    if (s.is_ok()) s = dhcp_.ensure(dhcp_config(net));
+    if (!s.is_ok()) {
+      realized_.erase(name);
+      failed(quoted("network", name), s, name);
+      continue;
+    }
+    realized_.insert(name);
+    repairs.insert(repairs.end(), found.begin(), found.end());
   }
 
-  // VM ports that exist (their VM runs) but are off their bridge: a bridge recreated above
-  // comes back empty, and the guests must not stay cut off until they restart.
+  // 3. VM ports that exist (their VM runs) but are off their bridge: a bridge recreated above
+  //    comes back empty, and the guests must not stay cut off until they restart.
   std::map<std::string, Vni> vni_of;
   for (const auto& net : networks) vni_of.emplace(net.name.str(), net.vni);
   for (const auto& p : ports) {
@@ -218,50 +268,41 @@ Result<std::vector<Repair>> TenantNetworks::reconcile(const std::vector<NetworkS
     if (link == by_name.end() || vni == vni_of.end()) continue;  // VM not running
     const std::string bridge = bridge_name(vni->second);
     if (link->second.master == bridge && link->second.up) continue;
-    NM_RETURN_IF_ERROR(links_.attach_port(p.ifname, bridge));
-    repairs.push_back(
-        {quoted("port", p.ifname), "was not on bridge '" + bridge + "'; re-attached"});
+    if (Status s = links_.attach_port(p.ifname, bridge); !s.is_ok()) {
+      failed(quoted("port", p.ifname), s, p.network.str());
+      continue;
+    }
+    repairs.push_back(done(quoted("port", p.ifname),
+                           "was not on bridge '" + bridge + "'; re-attached", p.network.str()));
   }
 
-  // Leftovers: our objects that no desired network or port explains. Others' are never touched.
+  // 4. Leftovers: our bridges, VXLAN devices, DHCP veths and namespaces that no desired network
+  //    explains. Never objects without our prefixes, and never taps: a tap belongs to a domain,
+  //    and domains are the VM reconciler's (orphan policy); an unknown nmt* tap is dropped by
+  //    the firewall (fail closed) meanwhile.
   for (const auto& [name, info] : by_name) {
-    if (!is_owned_ifname(name) || wanted_links.count(name)) continue;
-    NM_RETURN_IF_ERROR(links_.delete_link(name));
-    repairs.push_back({quoted("link", name), "belongs to no network or port; removed"});
+    if (!is_owned_ifname(name) || name.starts_with("nmt") || wanted_links.count(name)) continue;
+    if (Status s = links_.delete_link(name); !s.is_ok()) {
+      failed(quoted("link", name), s);
+      continue;
+    }
+    repairs.push_back(done(quoted("link", name), "belongs to no network; removed"));
   }
   for (const auto& ns : namespaces) {
     if (ns.rfind("nm-dhcp-", 0) != 0 || wanted_netns.count(ns)) continue;
-    NM_RETURN_IF_ERROR(links_.delete_netns(ns));
-    repairs.push_back({quoted("namespace", ns), "belongs to no network; removed"});
+    if (Status s = links_.delete_netns(ns); !s.is_ok()) {
+      failed(quoted("namespace", ns), s);
+      continue;
+    }
+    repairs.push_back(done(quoted("namespace", ns), "belongs to no network; removed"));
   }
   for (const auto& key : running) {
     if (wanted_dhcp.count(key)) continue;
-    NM_RETURN_IF_ERROR(dhcp_.stop(key));
-    repairs.push_back({quoted("DHCP server", key), "belongs to no network; stopped"});
-  }
-
-  // Firewall: the whole table when the port set changed or our last change was incremental,
-  // otherwise only when someone else changed it. A node that never had a port or network gets
-  // no table at all.
-  const std::string table = quoted("nft table", "bridge nodemanager");
-  if (ports_changed || !fw_applied_ || last_listing_.empty()) {
-    NM_ASSIGN_OR_RETURN(auto listing, firewall_.list_table());
-    // Ports without a table: after a host reboot, or someone deleted it.
-    if (!listing && (fw_applied_ || !ports_.empty())) {
-      repairs.push_back({table, "was missing; recreated"});
+    if (Status s = dhcp_.stop(key); !s.is_ok()) {
+      failed(quoted("DHCP server", key), s);
+      continue;
     }
-    if (listing || !ports_.empty() || !networks.empty()) {
-      NM_RETURN_IF_ERROR(apply_firewall());
-    }
-  } else {
-    NM_ASSIGN_OR_RETURN(auto listing, firewall_.list_table());
-    if (!listing) {
-      repairs.push_back({table, "was missing; recreated"});
-      NM_RETURN_IF_ERROR(apply_firewall());
-    } else if (*listing != last_listing_) {
-      repairs.push_back({table, "was changed outside nodemanager; restored"});
-      NM_RETURN_IF_ERROR(apply_firewall());
-    }
+    repairs.push_back(done(quoted("DHCP server", key), "belongs to no network; stopped"));
   }
   return repairs;
 }

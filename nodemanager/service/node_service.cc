@@ -542,6 +542,7 @@ class NodeServiceImpl final : public NodeService {
 
   Result<uint32_t> delete_network(std::string_view name, std::string_view request_id) override {
     NM_ASSIGN_OR_RETURN(auto rid, parse_request_id(request_id));
+    NM_RETURN_IF_ERROR(NetworkName::parse(name, "name").status());
     const std::string fingerprint(name);
     NM_ASSIGN_OR_RETURN(auto replayed, replay(rid, "DeleteNetwork", fingerprint));
     if (replayed) return replayed->at("job_id").get<uint32_t>();
@@ -593,6 +594,7 @@ class NodeServiceImpl final : public NodeService {
   }
 
   Result<NetworkRecord> get_network(std::string_view name) const override {
+    NM_RETURN_IF_ERROR(NetworkName::parse(name, "name").status());
     auto it = networks_.find(std::string(name));
     if (it == networks_.end()) {
       return not_found("network '" + std::string(name) + "' does not exist");
@@ -666,7 +668,8 @@ class NodeServiceImpl final : public NodeService {
   size_t active_jobs() const override { return jobs_.size(); }
 
   void record_network_repair(const std::string& object, const std::string& what) override {
-    record_repairs({network::Repair{object, what}});
+    record_event_of_repairs(
+        {network::Repair{.object = object, .what = what, .network = {}, .failed = false}});
   }
 
   // ---------------------------------------------------------------- reconciliation
@@ -1561,8 +1564,12 @@ class NodeServiceImpl final : public NodeService {
   Result<std::vector<PortRecord>> allocate_ports(const VmId& id, const VmSpec& spec) const {
     std::vector<PortRecord> out;
     std::set<network::MacAddress> macs;
+    std::set<std::string> taps;
     for (const auto& [_, list] : ports_) {
-      for (const auto& p : list) macs.insert(p.mac);
+      for (const auto& p : list) {
+        macs.insert(p.mac);
+        taps.insert(p.ifname);
+      }
     }
     uint32_t attempt = 0;
     for (size_t i = 0; i < spec.networks.size(); ++i) {
@@ -1588,6 +1595,13 @@ class NodeServiceImpl final : public NodeService {
       network::MacAddress mac = network::derive_vm_mac(id, attempt++);
       while (macs.count(mac)) mac = network::derive_vm_mac(id, attempt++);
       macs.insert(mac);
+      const std::string tap = network::tap_name(id, static_cast<unsigned>(i));
+      if (taps.count(tap)) {
+        // Only a caller-chosen id can get here: generated ids are random.
+        return conflict("spec.id: the tap name '" + tap +
+                        "' derived from this id is taken by another VM on this node; choose "
+                        "another id");
+      }
       out.push_back(PortRecord{.vm = id,
                                .network = att.network,
                                .ifname = network::tap_name(id, static_cast<unsigned>(i)),
@@ -1609,9 +1623,12 @@ class NodeServiceImpl final : public NodeService {
   }
 
   // Worker side.
+  // Both bump net_epoch_ under the lock: an audit whose snapshot predates this change must not
+  // run after it (it would put back a port just removed, or remove one just added).
   Status attach_ports(const std::vector<std::pair<network::NetworkSpec, PortRecord>>& ports) {
     if (ports.empty()) return Status::ok();
     std::lock_guard lock(net_mu_);
+    ++net_epoch_;
     for (const auto& [net, port] : ports) {
       NM_RETURN_IF_ERROR(d_.networks.add_port(net, port).with_context(
           "attaching port '" + port.ifname + "' to network '" + net.name.str() + "'"));
@@ -1621,6 +1638,7 @@ class NodeServiceImpl final : public NodeService {
   Status detach_ports(const std::vector<std::pair<network::NetworkSpec, PortRecord>>& ports) {
     if (ports.empty()) return Status::ok();
     std::lock_guard lock(net_mu_);
+    ++net_epoch_;
     for (const auto& [net, port] : ports) {
       NM_RETURN_IF_ERROR(d_.networks.remove_port(net, port).with_context(
           "detaching port '" + port.ifname + "' from network '" + net.name.str() + "'"));
@@ -1657,17 +1675,14 @@ class NodeServiceImpl final : public NodeService {
     if (!repairs.is_ok()) {
       log_->error("start-up network reconcile failed: {}; the next audit retries",
                   repairs.status().to_string());
+      for (auto& [name, n] : networks_) {
+        if (!n.deleting) record_network_state(name, "failed", repairs.status().message());
+      }
     } else {
       record_repairs(*repairs);
     }
     for (auto& [name, n] : networks_) {
-      if (n.deleting) {
-        enqueue(make_network_delete_job(job_id_for(network_key(name)), n));
-      } else if (repairs.is_ok() && n.state != "ready") {
-        record_network_state(name, "ready", "built on the host");
-      } else if (!repairs.is_ok()) {
-        record_network_state(name, "failed", repairs.status().message());
-      }
+      if (n.deleting) enqueue(make_network_delete_job(job_id_for(network_key(name)), n));
     }
   }
 
@@ -1675,6 +1690,9 @@ class NodeServiceImpl final : public NodeService {
     auto it = networks_.find(name);
     if (it == networks_.end()) return;
     if (it->second.state == state && it->second.state_reason == reason) return;
+    // A network being deleted stays "deleting" (or "failed" when its deletion fails): a create
+    // job or an audit finishing late must not make it look ready.
+    if (it->second.deleting && state == "ready") return;
     auto next = std::make_shared<NetworkRecord>(it->second);
     next->state = std::move(state);
     next->state_reason = std::move(reason);
@@ -1792,22 +1810,58 @@ class NodeServiceImpl final : public NodeService {
     });
   }
 
-  // One NetworkRepaired event (and a warning) per repair, in one transaction.
+  // The outcome of a reconcile: one NetworkRepaired event (and a warning) per repair made, and
+  // per failure that is new (a failure that persists is reported once, not at every audit);
+  // each network's state follows: "failed" with the reason while a step of it fails, "ready"
+  // otherwise.
   void record_repairs(const std::vector<network::Repair>& repairs) {
-    if (repairs.empty()) return;
+    std::set<std::string> failing;
+    std::vector<const network::Repair*> report;
+    for (const auto& r : repairs) {
+      if (r.failed) {
+        const std::string key = r.object + "\n" + r.what;
+        failing.insert(key);
+        if (failing_.count(key)) continue;
+      }
+      report.push_back(&r);
+    }
+    failing_ = std::move(failing);
+    for (const auto& [name, n] : networks_) {
+      if (n.deleting) continue;
+      const auto bad = std::find_if(repairs.begin(), repairs.end(), [&](const network::Repair& r) {
+        return r.failed && r.network == name;
+      });
+      if (bad != repairs.end()) {
+        record_network_state(name, "failed", bad->object + " " + bad->what);
+      } else {
+        record_network_state(name, "ready", "built on the host");
+      }
+    }
+    std::vector<network::Repair> to_record;
+    to_record.reserve(report.size());
+    for (const network::Repair* r : report) to_record.push_back(*r);
+    record_event_of_repairs(to_record);
+  }
+
+  // One NetworkRepaired event and a warning per entry, in one transaction.
+  void record_event_of_repairs(const std::vector<network::Repair>& report) {
+    if (report.empty()) return;
     std::vector<EventRecord> events;
     const Status c = commit(
         [&](StateTxn& txn) -> Status {
-          for (const auto& r : repairs) {
-            NM_RETURN_IF_ERROR(append(txn, "NetworkRepaired", r.object,
-                                      json{{"object", r.object}, {"what", r.what}}, events));
+          for (const network::Repair& entry : report) {
+            const network::Repair* r = &entry;
+            json payload = {{"object", r->object}, {"what", r->what}};
+            if (!r->network.empty()) payload["network"] = r->network;
+            if (r->failed) payload["failed"] = true;
+            NM_RETURN_IF_ERROR(append(txn, "NetworkRepaired", r->object, payload, events));
           }
           return Status::ok();
         },
         events);
-    for (const auto& r : repairs) log_->warn("network repair: {} {}", r.object, r.what);
+    for (const network::Repair& r : report) log_->warn("network repair: {} {}", r.object, r.what);
     if (!c.is_ok()) {
-      log_->error("recording {} network repairs: {}", repairs.size(), c.to_string());
+      log_->error("recording {} network repairs: {}", report.size(), c.to_string());
       return;
     }
     publish(events);
@@ -1843,6 +1897,9 @@ class NodeServiceImpl final : public NodeService {
   // Bumped (on the loop) whenever the desired networks or ports change; read by audit workers.
   std::atomic<uint64_t> net_epoch_{0};
   bool net_audit_in_flight_ = false;
+  // Failed repairs of the last reconcile ("object\nwhat"), so a persisting failure is reported
+  // once.
+  std::set<std::string> failing_;
 };
 
 }  // namespace

@@ -8,6 +8,7 @@
 #include <utility>
 
 #include "migrations.h"
+#include "nm/network/nft_ruleset.h"
 #include "nm/state_store.h"
 
 namespace nm {
@@ -311,8 +312,14 @@ class SqliteStateStore final : public StateStore {
       auto net = NetworkName::parse(s.text(1), "ports.network");
       auto mac = network::MacAddress::parse(s.text(3), "ports.mac");
       auto ip = network::Ipv4Address::parse(s.text(4), "ports.ip");
-      for (const Status& st : {vm.status(), net.status(), mac.status(), ip.status()}) {
+      auto host = VmName::parse(s.text(5), "ports.hostname");
+      for (const Status& st :
+           {vm.status(), net.status(), mac.status(), ip.status(), host.status()}) {
         if (!st.is_ok()) return internal_error("state database: " + st.message());
+      }
+      // The tap name goes into nft scripts: never trust it without the rule.
+      if (!network::is_valid_port_ifname(s.text(2))) {
+        return internal_error("state database: ports.ifname '" + s.text(2) + "' is not valid");
       }
       out.push_back(PortRecord{.vm = std::move(vm).value(),
                                .network = std::move(net).value(),

@@ -37,6 +37,7 @@ class FakeLinks final : public network::Links {
   }
   Status ensure_vxlan(const network::VxlanConfig& c) override {
     std::lock_guard lock(mu);
+    if (fail_names.count(c.name)) return Status(Code::kUnavailable, "netlink: injected failure");
     NM_RETURN_IF_ERROR(check(c.name, "vxlan"));
     auto& l = links[c.name];
     if (l.info.name.empty() || l.vni != c.vni.value() || l.info.master != c.bridge) ++mutations;
@@ -121,6 +122,7 @@ class FakeLinks final : public network::Links {
   std::set<std::string> netns;
   int mutations = 0;
   bool fail_list = false;
+  std::set<std::string> fail_names;  // ensure_vxlan() of these names fails
 
  private:
   Status check(const std::string& name, const std::string& kind) const {

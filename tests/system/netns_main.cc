@@ -2,6 +2,7 @@
 // network namespace and a new mount namespace with a private /run/netns, so every link, nft table
 // and namespace a test creates lives and dies with the process, invisible to the host.
 #include <fcntl.h>
+#include <gtest/gtest.h>
 #include <sched.h>
 #include <sys/mount.h>
 #include <sys/stat.h>
@@ -10,8 +11,6 @@
 #include <cerrno>
 #include <cstdio>
 #include <cstring>
-
-#include <gtest/gtest.h>
 
 int main(int argc, char** argv) {
   testing::InitGoogleTest(&argc, argv);

@@ -245,7 +245,9 @@ TEST_F(TenantNetworksTest, ReconcileRemovesOurLeftoversAndNeverTouchesOthers) {
   ASSERT_TRUE(repairs.is_ok());
   EXPECT_FALSE(links_.has("nmbr9"));
   EXPECT_FALSE(links_.has("nmvx9"));
-  EXPECT_FALSE(links_.has("nmt0123456789ab"));
+  // A tap belongs to a domain (the VM reconciler's orphan policy decides); the firewall drops an
+  // unknown nmt* tap meanwhile.
+  EXPECT_TRUE(links_.has("nmt0123456789ab"));
   EXPECT_FALSE(links_.netns.count("nm-dhcp-9"));
   EXPECT_FALSE(dhcp_.servers.count("gone"));
   EXPECT_TRUE(links_.has("virbr0"));
@@ -270,6 +272,59 @@ TEST_F(TenantNetworksTest, ConcurrentPortsOfOneNetworkKeepEachOthersLeases) {
   ASSERT_TRUE(tn.add_port(blue, port(kVm1, "blue", "10.10.0.3")).is_ok());
   ASSERT_TRUE(tn.add_port(blue, port(kVm2, "blue", "10.10.0.4")).is_ok());
   EXPECT_EQ(dhcp_.servers["blue"].hosts.size(), 2U);
+}
+
+TEST_F(TenantNetworksTest, ABrokenNetworkDoesNotKeepTheFirewallOrOtherNetworksFromBeingRepaired) {
+  auto tn = make();
+  const auto blue = net("blue", 4097, "10.10.0.0/24");
+  const auto red = net("red", 4098, "10.11.0.0/24");
+  const std::vector<PortSpec> ports = {port(kVm1, "blue", "10.10.0.3")};
+  ASSERT_TRUE(tn.reconcile({blue, red}, ports).is_ok());
+  fw_.table.reset();
+  links_.links.erase("nmbr4097");
+  links_.links.erase("nmvx4098");
+  links_.fail_names.insert("nmvx4098");
+
+  auto repairs = tn.reconcile({blue, red}, ports);
+  ASSERT_TRUE(repairs.is_ok());
+  ASSERT_TRUE(fw_.table.has_value());
+  EXPECT_NE(fw_.table->find(ports[0].ifname), std::string::npos);
+  EXPECT_TRUE(links_.has("nmbr4097"));
+  bool red_failed = false;
+  for (const auto& r : *repairs) {
+    if (r.failed) {
+      EXPECT_EQ(r.network, "red") << r.object << " " << r.what;
+      red_failed = true;
+    }
+  }
+  EXPECT_TRUE(red_failed);
+}
+
+TEST_F(TenantNetworksTest, APortAddedAfterAFailedReconcileStillGetsItsRules) {
+  // Start-up after a reboot: one network cannot be built, and the first VM of another one is
+  // started. Its port must not be taken as already applied.
+  auto tn = make();
+  const auto blue = net("blue", 4097, "10.10.0.0/24");
+  const auto red = net("red", 4098, "10.11.0.0/24");
+  const auto p1 = port(kVm1, "blue", "10.10.0.3");
+  links_.fail_names.insert("nmvx4098");
+  fw_.fail_apply = true;  // the first full apply fails too
+  auto repairs = tn.reconcile({blue, red}, {p1});
+  ASSERT_TRUE(repairs.is_ok());
+  EXPECT_FALSE(fw_.table.has_value());
+  fw_.fail_apply = false;
+  ASSERT_TRUE(tn.add_port(blue, p1).is_ok());
+  ASSERT_TRUE(fw_.table.has_value());
+  EXPECT_NE(fw_.table->find(p1.ifname), std::string::npos);
+}
+
+TEST_F(TenantNetworksTest, AddPortBuildsANetworkWhoseOwnJobHasNotRunYet) {
+  auto tn = make();
+  const auto blue = net("blue", 4097, "10.10.0.0/24");
+  ASSERT_TRUE(tn.add_port(blue, port(kVm1, "blue", "10.10.0.3")).is_ok());
+  EXPECT_TRUE(links_.has("nmbr4097"));
+  EXPECT_TRUE(links_.netns.count("nm-dhcp-4097"));
+  EXPECT_EQ(dhcp_.servers["blue"].hosts.size(), 1U);
 }
 
 TEST_F(TenantNetworksTest, ReconcileReportsAnUnreadableHost) {

@@ -1055,5 +1055,35 @@ TEST_F(NodeServiceNetworks, TheAuditRepairsTheHostAndRecordsWhatItDid) {
   EXPECT_EQ(dhcp_.servers["blue"].hosts.size(), 1U);
 }
 
+TEST_F(NodeServiceNetworks, AFailedNetworkTurnsReadyOnceTheAuditBuildsItAndIsReportedOnce) {
+  links_.fail_names.insert("nmvx4097");
+  auto job = service_->create_network(net_spec("blue", "contoso", 4097, "10.10.0.0/24"), "");
+  ASSERT_TRUE(job.is_ok());
+  EXPECT_EQ(wait(*job).result, "failed");
+  EXPECT_EQ(service_->get_network("blue")->state, "failed");
+
+  const auto failures = [&] {
+    return std::count_if(obs_.events.begin(), obs_.events.end(), [](const EventRecord& e) {
+      return e.kind == "NetworkRepaired" &&
+             e.payload_json.find("\"failed\":true") != std::string::npos;
+    });
+  };
+  // Many audits while it keeps failing: one failure event, not one per audit.
+  int audits = 0;
+  ASSERT_TRUE(loop_.run_until([&] {
+    service_->audit();  // a no-op while the previous one is in flight
+    return ++audits >= 30;
+  }));
+  EXPECT_EQ(failures(), 1);
+  EXPECT_EQ(service_->get_network("blue")->state, "failed");
+
+  links_.fail_names.clear();
+  ASSERT_TRUE(loop_.run_until([&] {
+    service_->audit();
+    return service_->get_network("blue")->state == "ready";
+  }));
+  EXPECT_TRUE(links_.has("nmvx4097"));
+}
+
 }  // namespace
 }  // namespace nm

@@ -3,11 +3,13 @@
 // its database and hands it over; every method converges the host towards it and is idempotent,
 // so a crash between any two kernel calls is repaired by calling it again (or by reconcile()).
 //
-// Threading: not thread-safe; the caller serializes calls (NodeService runs them on one network
-// job queue). Methods block for netlink/nft round trips and must not run on the event loop.
+// Threading: not thread-safe; the caller serializes calls (NodeService holds one mutex around
+// every call, made from its worker threads). Methods block for netlink/nft round trips and must
+// not run on the event loop.
 #pragma once
 
 #include <map>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -33,17 +35,19 @@ struct NetworkOptions {
 struct PortSpec {
   VmId vm = VmId::trusted("00000000-0000-0000-0000-000000000000");
   NetworkName network = NetworkName::trusted("unnamed");
-  std::string ifname;  // tap_name(vm)
+  std::string ifname;  // tap_name(vm, index of the network in the VM spec)
   MacAddress mac;
   Ipv4Address ip;
   std::string hostname;  // VM name, handed out by DHCP
   auto operator<=>(const PortSpec&) const = default;
 };
 
-// What reconcile() found different from the desired state and put right.
+// What reconcile() found different from the desired state and put right, or could not.
 struct Repair {
-  std::string object;  // "bridge 'nmbr4097'", "nft table 'bridge nodemanager'", ...
-  std::string what;    // "was missing; recreated", "leftover of a deleted network; removed", ...
+  std::string object;   // "bridge 'nmbr4097'", "nft table 'bridge nodemanager'", ...
+  std::string what;     // "was missing; recreated", "could not be repaired: ...; retrying ..."
+  std::string network;  // the network it concerns, empty for host-wide objects
+  bool failed = false;  // the repair was attempted and failed
 };
 
 class TenantNetworks {
@@ -64,10 +68,14 @@ class TenantNetworks {
   // Removes the port's firewall elements and lease.
   Status remove_port(const NetworkSpec& network, const PortSpec& port);
 
-  // Audit: compares the host with the whole desired state and repairs it. Missing bridges, VXLAN
+  // Audit: compares the host with the whole desired state and repairs it. Each step stands on
+  // its own: the firewall comes first, then each network, then ports and leftovers, and a step
+  // that fails is returned as a Repair with failed = true while the others still run. An error
+  // is returned only when the host could not even be inspected. Missing bridges, VXLAN
   // devices, flood peers, DHCP namespaces or servers come back; addresses on our bridges go; a
-  // changed or missing nft table is replaced atomically; our devices and namespaces that no
-  // desired network explains are removed. Never touches objects without our name prefix.
+  // changed or missing nft table is replaced atomically; running VM ports are put back on their
+  // bridge; our bridges, VXLAN devices, DHCP veths and namespaces that no desired network
+  // explains are removed. Never touches objects without our name prefix, nor taps.
   Result<std::vector<Repair>> reconcile(const std::vector<NetworkSpec>& networks,
                                         const std::vector<PortSpec>& ports);
 
@@ -86,6 +94,9 @@ class TenantNetworks {
   std::map<std::string, PortSpec> ports_;
   // Whether the table was applied in full since this object exists (so it is ours and present).
   bool fw_applied_ = false;
+  // Networks whose bridge and DHCP namespace this object has made or checked (add_port() makes
+  // the others first).
+  std::set<std::string> realized_;
   // Listing of the nft table right after our last full apply; empty when an incremental change
   // happened since (the next reconcile() then re-applies in full and takes a new listing).
   std::string last_listing_;
