@@ -1,5 +1,6 @@
 #include "nm/network/dnsmasq_dhcp.h"
 
+#include <fcntl.h>
 #include <grp.h>
 #include <poll.h>
 #include <pwd.h>
@@ -51,6 +52,12 @@ bool is_usable_host_address(const Ipv4Cidr& subnet, Ipv4Address a) {
   return subnet.contains(a) && a != subnet.network() && a != subnet.broadcast();
 }
 
+uint64_t mac_key(const MacAddress& mac) {
+  uint64_t key = 0;
+  for (const uint8_t b : mac.bytes()) key = (key << 8) | b;
+  return key;
+}
+
 Status validate(const DhcpServerConfig& c) {
   if (!is_plain_name(c.key)) {
     return invalid_argument("dhcp server key '" + c.key + "': not a plain name");
@@ -72,21 +79,40 @@ Status validate(const DhcpServerConfig& c) {
   if (c.mtu < 576 || c.mtu > 65535) {
     return invalid_argument(what + ": mtu " + std::to_string(c.mtu) + " is outside 576..65535");
   }
-  std::set<MacAddress> macs;
-  std::set<Ipv4Address> ips{c.server};
+  // O(hosts) with small constants (ensure() gets every host of the network on each call): no
+  // message is built unless a host is refused.
+  std::vector<uint64_t> macs;
+  std::vector<Ipv4Address> ips;
+  macs.reserve(c.hosts.size());
+  ips.reserve(c.hosts.size() + 1);
+  ips.push_back(c.server);
   for (const auto& h : c.hosts) {
     if (!h.hostname.empty() && !is_plain_name(h.hostname)) {
       return invalid_argument(what + ": hostname '" + h.hostname + "' is not a DNS name");
     }
-    const std::string host = what + ": host " + h.mac.str();
     if (!is_usable_host_address(c.subnet, h.ip)) {
-      return invalid_argument(host + ": " + h.ip.str() + " is not a host address of " +
-                              c.subnet.str());
+      return invalid_argument(what + ": host " + h.mac.str() + ": " + h.ip.str() +
+                              " is not a host address of " + c.subnet.str());
     }
-    if (!macs.insert(h.mac).second) return invalid_argument(host + ": MAC listed twice");
-    if (!ips.insert(h.ip).second) {
-      return invalid_argument(host + ": address " + h.ip.str() + " already taken");
+    macs.push_back(mac_key(h.mac));
+    ips.push_back(h.ip);
+  }
+  std::sort(macs.begin(), macs.end());
+  if (const auto dup = std::adjacent_find(macs.begin(), macs.end()); dup != macs.end()) {
+    for (const auto& h : c.hosts) {
+      if (mac_key(h.mac) == *dup) {
+        return invalid_argument(what + ": host " + h.mac.str() + ": MAC listed twice");
+      }
     }
+  }
+  std::sort(ips.begin(), ips.end());
+  if (const auto dup = std::adjacent_find(ips.begin(), ips.end()); dup != ips.end()) {
+    const DhcpHost* second = nullptr;  // the later host with that address
+    for (const auto& h : c.hosts) {
+      if (h.ip == *dup) second = &h;
+    }
+    return invalid_argument(what + ": host " + second->mac.str() + ": address " + dup->str() +
+                            " already taken");
   }
   return Status::ok();
 }
@@ -96,14 +122,50 @@ bool same_except_hosts(const DhcpServerConfig& a, const DhcpServerConfig& b) {
          a.server == b.server && a.mtu == b.mtu;
 }
 
-std::string render_hosts(const std::vector<DhcpHost>& hosts) {
-  std::string out;
-  for (const auto& h : hosts) {
-    out += h.mac.str() + "," + h.ip.str();
-    if (!h.hostname.empty()) out += "," + h.hostname;
-    out += "\n";
-  }
+// The file of `mac` in the hosts directory: "02-ab-cd-ef-01-23" (no leading '.', no '~' at the
+// end: dnsmasq skips such names).
+std::string host_file_name(const MacAddress& mac) {
+  std::string name = mac.str();
+  std::replace(name.begin(), name.end(), ':', '-');
+  return name;
+}
+
+std::string render_host(const DhcpHost& h) {
+  std::string out = h.mac.str() + "," + h.ip.str();
+  if (!h.hostname.empty()) out += "," + h.hostname;
+  out += "\n";
   return out;
+}
+
+// What changes between two host lists sorted by MAC (DhcpHost orders by MAC first).
+struct HostDiff {
+  std::vector<const DhcpHost*> write;  // new, or changed (same MAC, other address or name)
+  std::vector<MacAddress> remove;
+  bool forget = false;  // a host is removed or changed: dnsmasq must drop what it read before
+};
+
+HostDiff diff_hosts(const std::vector<DhcpHost>& have, const std::vector<DhcpHost>& want) {
+  HostDiff d;
+  auto a = have.begin();
+  auto b = want.begin();
+  while (a != have.end() || b != want.end()) {
+    if (b == want.end() || (a != have.end() && a->mac < b->mac)) {
+      d.remove.push_back(a->mac);
+      d.forget = true;
+      ++a;
+    } else if (a == have.end() || b->mac < a->mac) {
+      d.write.push_back(&*b);
+      ++b;
+    } else {
+      if (*a != *b) {
+        d.write.push_back(&*b);
+        d.forget = true;
+      }
+      ++a;
+      ++b;
+    }
+  }
+  return d;
 }
 
 // dnsmasq's documented exit codes.
@@ -155,6 +217,9 @@ struct DnsmasqDhcp::Impl {
     milliseconds delay{0};
     std::optional<SteadyTime> restart_at;
     std::string death;  // how the last process ended, for the observer
+    // false after an update that failed half-way: the next ensure() rewrites the whole hosts
+    // directory and has dnsmasq reread it.
+    bool in_sync = true;
   };
 
   Options options;
@@ -173,7 +238,7 @@ struct DnsmasqDhcp::Impl {
   std::map<std::string, Server> servers;
 
   std::string dir(const std::string& key) const { return options.run_dir + "/" + key; }
-  std::string hosts_path(const std::string& key) const { return dir(key) + "/hosts"; }
+  std::string hosts_dir(const std::string& key) const { return dir(key) + "/hosts.d"; }
   std::string leases_path(const std::string& key) const { return dir(key) + "/leases"; }
   std::string pid_path(const std::string& key) const { return dir(key) + "/pid"; }
 
@@ -216,7 +281,7 @@ struct DnsmasqDhcp::Impl {
             "--except-interface=lo",
             "--dhcp-range=" + c.subnet.network().str() + ",static," + mask + "," + kLeaseTime,
             "--dhcp-authoritative",
-            "--dhcp-hostsfile=" + hosts_path(c.key),
+            "--dhcp-hostsdir=" + hosts_dir(c.key),
             "--dhcp-leasefile=" + leases_path(c.key),
             "--pid-file=" + pid_path(c.key),
             "--dhcp-option=option:router",
@@ -235,10 +300,139 @@ struct DnsmasqDhcp::Impl {
     return Status::ok();
   }
 
-  Status write_hosts(const DhcpServerConfig& c) const {
-    const std::string path = hosts_path(c.key);
-    NM_RETURN_IF_ERROR(write_file_atomic(path, render_hosts(c.hosts)));
-    return restrict_to_group(path, 0640);
+  // Publishes the file of `h` atomically: written under a dot name dnsmasq ignores, then
+  // renamed (dnsmasq reads it on the rename). No fsync: the directory is rebuilt on every start.
+  Status write_host(const std::string& key, const DhcpHost& h) const {
+    const std::string name = host_file_name(h.mac);
+    const std::string path = hosts_dir(key) + "/" + name;
+    const std::string tmp = hosts_dir(key) + "/." + name + ".tmp";
+    UniqueFd fd(::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC | O_NOFOLLOW, 0640));
+    if (!fd.valid()) return errno_status(errno, "creating '" + tmp + "'");
+    Status written = Status::ok();
+    if (::fchown(fd.get(), 0, gid) != 0 || ::fchmod(fd.get(), 0640) != 0) {
+      written = errno_status(errno, "chown/chmod '" + tmp + "'");
+    }
+    const std::string text = render_host(h);
+    if (written.is_ok() &&
+        ::write(fd.get(), text.data(), text.size()) != static_cast<ssize_t>(text.size())) {
+      written = errno_status(errno, "writing '" + tmp + "'");
+    }
+    fd = UniqueFd();  // closed before the rename: a close after it would be a second change
+    if (written.is_ok() && ::rename(tmp.c_str(), path.c_str()) != 0) {
+      written = errno_status(errno, "renaming '" + tmp + "' to '" + path + "'");
+    }
+    if (!written.is_ok()) ::unlink(tmp.c_str());
+    return written;
+  }
+
+  Status remove_host(const std::string& key, const MacAddress& mac) const {
+    const std::string path = hosts_dir(key) + "/" + host_file_name(mac);
+    if (::unlink(path.c_str()) != 0 && errno != ENOENT) {
+      return errno_status(errno, "removing '" + path + "'");
+    }
+    return Status::ok();
+  }
+
+  // Makes the hosts directory of `key` hold exactly one file per host (O(hosts): start and
+  // resynchronisation only).
+  Status write_all_hosts(const std::string& key, const std::vector<DhcpHost>& hosts) const {
+    const std::string d = hosts_dir(key);
+    NM_RETURN_IF_ERROR(make_dirs(d));
+    NM_RETURN_IF_ERROR(restrict_to_group(d, 0750));
+    std::set<std::string> wanted;
+    for (const auto& h : hosts) wanted.insert(host_file_name(h.mac));
+    std::error_code ec;
+    std::vector<std::filesystem::path> stale;
+    for (const auto& entry : std::filesystem::directory_iterator(d, ec)) {
+      if (!wanted.contains(entry.path().filename().string())) stale.push_back(entry.path());
+    }
+    if (ec) return errno_status(ec.value(), "listing '" + d + "'");
+    for (const auto& path : stale) {
+      if (!std::filesystem::remove(path, ec) && ec) {
+        return errno_status(ec.value(), "removing '" + path.string() + "'");
+      }
+    }
+    for (const auto& h : hosts) NM_RETURN_IF_ERROR(write_host(key, h));
+    return Status::ok();
+  }
+
+  // An inotify watch on the hosts directory for files (and the directory itself) closed after
+  // reading: dnsmasq opens, parses and closes a host file before it serves the next packet, and
+  // on SIGHUP lists the directory, reading every file, after dropping what it had read before.
+  Result<UniqueFd> watch_reads(const std::string& key) const {
+    UniqueFd fd(::inotify_init1(IN_CLOEXEC | IN_NONBLOCK));
+    if (!fd.valid()) return errno_status(errno, "inotify_init1");
+    if (::inotify_add_watch(fd.get(), hosts_dir(key).c_str(), IN_CLOSE_NOWRITE) < 0) {
+      return errno_status(errno, "watching '" + hosts_dir(key) + "'");
+    }
+    return fd;
+  }
+
+  // Waits until dnsmasq has read every file named in `pending` ("" for the directory: a full
+  // reread after SIGHUP), or has exited (the supervisor restarts it, and a new dnsmasq reads
+  // everything before it serves).
+  Status wait_read(Server& s, int inotify_fd, std::set<std::string> pending) const {
+    const auto deadline = std::chrono::steady_clock::now() + options.reread_timeout;
+    alignas(inotify_event) std::array<char, 4096> buf{};
+    while (!pending.empty()) {
+      const auto left =
+          std::chrono::ceil<milliseconds>(deadline - std::chrono::steady_clock::now());
+      if (left.count() <= 0) {
+        return unavailable("dnsmasq for '" + s.config.key + "' (pid " +
+                           std::to_string(s.child->pid()) + ") did not read its hosts within " +
+                           std::to_string(options.reread_timeout.count()) + "ms");
+      }
+      std::array<pollfd, 2> fds{{{s.child->pidfd(), POLLIN, 0}, {inotify_fd, POLLIN, 0}}};
+      const int n = ::poll(fds.data(), fds.size(), static_cast<int>(left.count()));
+      if (n < 0 && errno != EINTR) return errno_status(errno, "poll");
+      if (fds[0].revents != 0) return Status::ok();
+      if (fds[1].revents == 0) continue;
+      for (;;) {
+        const ssize_t len = ::read(inotify_fd, buf.data(), buf.size());
+        if (len <= 0) break;
+        for (ssize_t off = 0; off + static_cast<ssize_t>(sizeof(inotify_event)) <= len;) {
+          inotify_event event{};
+          std::memcpy(&event, buf.data() + off, sizeof event);
+          const char* name = buf.data() + off + sizeof event;
+          pending.erase(event.len == 0 ? std::string() : std::string(name));
+          off += static_cast<ssize_t>(sizeof event + event.len);
+        }
+      }
+    }
+    return Status::ok();
+  }
+
+  // Brings a running server's hosts directory from s.config.hosts to `hosts` (sorted). New hosts
+  // cost O(1): one file, which dnsmasq reads on its own. Removed or changed hosts need a SIGHUP,
+  // upon which dnsmasq forgets what it read and rereads the whole directory (O(hosts)).
+  Status update_hosts(Server& s, std::vector<DhcpHost> hosts) {
+    const std::string& key = s.config.key;
+    const bool resync = !s.in_sync;
+    s.in_sync = false;
+    std::set<std::string> pending;
+    if (resync) {
+      NM_RETURN_IF_ERROR(write_all_hosts(key, hosts));
+      pending.insert("");
+    }
+    NM_ASSIGN_OR_RETURN(UniqueFd watch, watch_reads(key));
+    if (!resync) {
+      const HostDiff diff = diff_hosts(s.config.hosts, hosts);
+      for (const DhcpHost* h : diff.write) {
+        NM_RETURN_IF_ERROR(write_host(key, *h));
+        pending.insert(host_file_name(h->mac));
+      }
+      for (const MacAddress& mac : diff.remove) NM_RETURN_IF_ERROR(remove_host(key, mac));
+      if (diff.forget) pending = {""};
+    }
+    s.config.hosts = std::move(hosts);
+    if (!s.child) {
+      s.in_sync = true;  // the restart reads the directory
+      return Status::ok();
+    }
+    if (pending.contains("")) NM_RETURN_IF_ERROR(s.child->signal(SIGHUP));
+    NM_RETURN_IF_ERROR(wait_read(s, watch.get(), std::move(pending)));
+    s.in_sync = true;
+    return Status::ok();
   }
 
   Status remove_files(const std::string& key) const {
@@ -254,9 +448,12 @@ struct DnsmasqDhcp::Impl {
     if (text.is_ok()) {
       if (const auto pid = parse_pid(*text)) {
         if (auto pidfd = open_pidfd(*pid); pidfd.is_ok()) {
-          const std::string marker = "--dhcp-hostsfile=" + hosts_path(key);
           auto cmdline = read_file("/proc/" + std::to_string(*pid) + "/cmdline");
-          if (cmdline.is_ok() && (*cmdline + '\0').find(marker + '\0') != std::string::npos) {
+          const auto holds = [&](const std::string& arg) {
+            return (*cmdline + '\0').find(arg + '\0') != std::string::npos;
+          };
+          if (cmdline.is_ok() && (holds("--dhcp-hostsdir=" + hosts_dir(key)) ||
+                                  holds("--dhcp-hostsfile=" + dir(key) + "/hosts"))) {
             NM_RETURN_IF_ERROR(terminate_pidfd(pidfd->get(), kStopGrace)
                                    .with_context("stopping the dnsmasq left for '" + key + "'"));
           }
@@ -301,7 +498,7 @@ struct DnsmasqDhcp::Impl {
     const std::string d = dir(c.key);
     NM_RETURN_IF_ERROR(make_dirs(d));
     NM_RETURN_IF_ERROR(restrict_to_group(d, 0750));
-    NM_RETURN_IF_ERROR(write_hosts(c));
+    NM_RETURN_IF_ERROR(write_all_hosts(c.key, c.hosts));
     if (::unlink(pid_path(c.key).c_str()) != 0 && errno != ENOENT) {
       return errno_status(errno, "removing '" + pid_path(c.key) + "'");
     }
@@ -322,19 +519,16 @@ struct DnsmasqDhcp::Impl {
   }
 
   Status ensure_now(DhcpServerConfig config) {
-    std::sort(config.hosts.begin(), config.hosts.end());
+    if (!std::is_sorted(config.hosts.begin(), config.hosts.end())) {
+      std::sort(config.hosts.begin(), config.hosts.end());
+    }
     const std::string key = config.key;
     auto it = servers.find(key);
     if (it != servers.end()) {
       Server& s = it->second;
-      if (same_except_hosts(s.config, config) && s.config.hosts == config.hosts) {
-        return Status::ok();
-      }
       if (same_except_hosts(s.config, config)) {
-        NM_RETURN_IF_ERROR(write_hosts(config));
-        s.config = std::move(config);
-        if (s.child) NM_RETURN_IF_ERROR(s.child->signal(SIGHUP));
-        return Status::ok();
+        if (s.in_sync && s.config.hosts == config.hosts) return Status::ok();
+        return update_hosts(s, std::move(config.hosts));
       }
       if (s.child) (void)s.child->terminate(kStopGrace);
       servers.erase(it);
@@ -352,6 +546,44 @@ struct DnsmasqDhcp::Impl {
     s.started = std::chrono::steady_clock::now();
     servers.emplace(key, std::move(s));
     set_supervised(key, true);
+    return Status::ok();
+  }
+
+  Status add_host_now(const std::string& key, const DhcpHost& host) {
+    auto it = servers.find(key);
+    if (it == servers.end()) return not_found("no dhcp server for '" + key + "'");
+    Server& s = it->second;
+    const std::string what = "dhcp server '" + key + "': host " + host.mac.str();
+    if (!host.hostname.empty() && !is_plain_name(host.hostname)) {
+      return invalid_argument(what + ": hostname '" + host.hostname + "' is not a DNS name");
+    }
+    if (!is_usable_host_address(s.config.subnet, host.ip) || host.ip == s.config.server) {
+      return invalid_argument(what + ": " + host.ip.str() + " is not a free host address of " +
+                              s.config.subnet.str());
+    }
+    auto& hosts = s.config.hosts;  // sorted
+    const auto pos = std::lower_bound(hosts.begin(), hosts.end(), host);
+    if (pos != hosts.end() && *pos == host && s.in_sync) return Status::ok();
+    // O(hosts) comparisons without allocation; the expensive part (files, dnsmasq) stays O(1).
+    for (const auto& h : hosts) {
+      if (h.mac == host.mac) return invalid_argument(what + ": MAC already has a lease");
+      if (h.ip == host.ip) {
+        return invalid_argument(what + ": " + host.ip.str() + " is leased to " + h.mac.str());
+      }
+    }
+    if (!s.in_sync) {
+      auto all = hosts;
+      all.insert(std::lower_bound(all.begin(), all.end(), host), host);
+      return update_hosts(s, std::move(all));
+    }
+    s.in_sync = false;
+    NM_ASSIGN_OR_RETURN(UniqueFd watch, watch_reads(key));
+    NM_RETURN_IF_ERROR(write_host(key, host));
+    hosts.insert(std::lower_bound(hosts.begin(), hosts.end(), host), host);
+    if (s.child) {
+      NM_RETURN_IF_ERROR(wait_read(s, watch.get(), {host_file_name(host.mac)}));
+    }
+    s.in_sync = true;
     return Status::ok();
   }
 
@@ -394,6 +626,7 @@ struct DnsmasqDhcp::Impl {
     auto child = start(s.config);
     if (child.is_ok()) {
       s.child = std::move(child).value();
+      s.in_sync = true;
       s.started = std::chrono::steady_clock::now();
       report(s.config.key,
              unavailable(s.death + ", restarted (pid " + std::to_string(s.child->pid()) + ")"));
@@ -526,6 +759,13 @@ DnsmasqDhcp::~DnsmasqDhcp() {
 Status DnsmasqDhcp::ensure(const DhcpServerConfig& config) {
   NM_RETURN_IF_ERROR(validate(config));
   return impl_->call([this, &config] { return impl_->ensure_now(config); });
+}
+
+Status DnsmasqDhcp::add_host(const std::string& key, const DhcpHost& host) {
+  if (!is_plain_name(key)) {
+    return invalid_argument("dhcp server key '" + key + "': not a plain name");
+  }
+  return impl_->call([this, &key, &host] { return impl_->add_host_now(key, host); });
 }
 
 Status DnsmasqDhcp::stop(const std::string& key) {

@@ -113,6 +113,7 @@ Status TenantNetworks::add_port(const NetworkSpec& network, const PortSpec& port
   const auto old = ports_.find(port.ifname);
   const bool same = old != ports_.end() && old->second == port;
   const bool replaced = old != ports_.end() && !same;
+  const bool added = old == ports_.end();
   ports_.insert_or_assign(port.ifname, port);
   if (!fw_applied_ || replaced) {
     // Nothing applied yet (or a port changed its MAC/IP: its old elements must go): all of it.
@@ -124,6 +125,12 @@ Status TenantNetworks::add_port(const NetworkSpec& network, const PortSpec& port
     } else {
       last_listing_.clear();
     }
+  }
+  if (added) {
+    // The common case costs the same with 1 or 1000 ports on the network: one host for the
+    // running server. Anything unusual (no server yet, a clash) goes through the full ensure().
+    const Status s = dhcp_.add_host(network.name.str(), DhcpHost{port.mac, port.ip, port.hostname});
+    if (s.is_ok()) return s;
   }
   return dhcp_.ensure(dhcp_config(network));
 }

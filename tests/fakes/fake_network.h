@@ -179,6 +179,18 @@ class FakeDhcp final : public network::Dhcp {
     servers[config.key] = config;
     return Status::ok();
   }
+  Status add_host(const std::string& key, const network::DhcpHost& host) override {
+    std::lock_guard lock(mu);
+    if (fail_ensure) return Status(Code::kUnavailable, "dnsmasq: injected failure");
+    auto it = servers.find(key);
+    if (it == servers.end()) return Status(Code::kNotFound, "no dhcp server for '" + key + "'");
+    auto& hosts = it->second.hosts;
+    if (std::find(hosts.begin(), hosts.end(), host) != hosts.end()) return Status::ok();
+    hosts.insert(std::lower_bound(hosts.begin(), hosts.end(), host), host);
+    ++mutations;
+    ++add_host_calls;
+    return Status::ok();
+  }
   Status stop(const std::string& key) override {
     std::lock_guard lock(mu);
     if (servers.erase(key)) ++mutations;
@@ -198,6 +210,7 @@ class FakeDhcp final : public network::Dhcp {
   std::map<std::string, network::DhcpServerConfig> servers;
   std::function<void(const std::string&, const Status&)> observer;
   int mutations = 0;
+  int add_host_calls = 0;
   bool fail_ensure = false;
 };
 

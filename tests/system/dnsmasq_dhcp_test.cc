@@ -9,6 +9,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <array>
 #include <cerrno>
 #include <condition_variable>
@@ -18,6 +19,7 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <future>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -252,8 +254,14 @@ class DnsmasqDhcpTest : public ::testing::Test {
 
   void TearDown() override {
     dhcp_.reset();
-    for (const auto& ns : clients_) (void)sh("ip netns del " + ns);
-    (void)sh("ip netns del dhcpns; ip link del nmbrtest");
+    // The veths go first, synchronously: a namespace is dismantled asynchronously, and a host
+    // end left for a moment would make the next test's "ip link add" fail with "File exists".
+    for (const auto& ns : clients_) {
+      std::string command = "ip link del nmc" + ns;
+      command += "; ip netns del " + ns;
+      (void)sh(command);
+    }
+    (void)sh("ip link del nmdhtest; ip netns del dhcpns; ip link del nmbrtest");
     std::filesystem::remove_all(base_);
   }
 
@@ -295,6 +303,17 @@ class DnsmasqDhcpTest : public ::testing::Test {
 
   std::string server_dir() const { return options_.run_dir + "/net1"; }
 
+  // The names in the server's hosts directory, sorted.
+  std::vector<std::string> host_files() const {
+    std::vector<std::string> out;
+    std::error_code ec;
+    for (const auto& e : std::filesystem::directory_iterator(server_dir() + "/hosts.d", ec)) {
+      out.push_back(e.path().filename().string());
+    }
+    std::sort(out.begin(), out.end());
+    return out;
+  }
+
   pid_t server_pid() const {
     auto text = read_file(server_dir() + "/pid");
     return text.is_ok() ? std::atoi(text->c_str()) : -1;
@@ -314,7 +333,9 @@ TEST_F(DnsmasqDhcpTest, KnownMacGetsExactlyItsFixedLeaseAndUnknownMacNothing) {
   const Status ensured = dhcp_->ensure(config({host(kKnownMac, "10.9.0.10", "vm1")}));
   ASSERT_TRUE(ensured.is_ok()) << ensured.to_string();
   EXPECT_EQ(dhcp_->running(), std::vector<std::string>{"net1"});
-  EXPECT_EQ(*read_file(server_dir() + "/hosts"), "02:00:00:00:00:11,10.9.0.10,vm1\n");
+  EXPECT_EQ(host_files(), std::vector<std::string>{"02-00-00-00-00-11"});
+  EXPECT_EQ(*read_file(server_dir() + "/hosts.d/02-00-00-00-00-11"),
+            "02:00:00:00:00:11,10.9.0.10,vm1\n");
 
   EXPECT_EQ(lease("cl1"), "ip=10.9.0.10 mtu=1450 router=.");
   EXPECT_EQ(lease("cl2"), "");
@@ -344,6 +365,72 @@ TEST_F(DnsmasqDhcpTest, EnsureIsIdempotentAndNewHostsAreReadWithoutRestart) {
   EXPECT_EQ(server_pid(), first);
   EXPECT_TRUE(alive(first));
   EXPECT_EQ(lease("cl2"), "ip=10.9.0.11 mtu=1450 router=.");
+  EXPECT_EQ(lease("cl1"), "ip=10.9.0.10 mtu=1450 router=.");
+}
+
+// Removed and changed hosts take a SIGHUP (dnsmasq only adds hosts on its own).
+TEST_F(DnsmasqDhcpTest, RemovedAndChangedHostsAreForgottenWithoutRestart) {
+  add_client("cl1", kKnownMac);
+  add_client("cl2", kSecondMac);
+  create();
+  ASSERT_TRUE(dhcp_
+                  ->ensure(config(
+                      {host(kKnownMac, "10.9.0.10", "vm1"), host(kSecondMac, "10.9.0.11", "vm2")}))
+                  .is_ok());
+  const pid_t first = server_pid();
+  ASSERT_EQ(lease("cl1"), "ip=10.9.0.10 mtu=1450 router=.");
+
+  const Status changed = dhcp_->ensure(config({host(kSecondMac, "10.9.0.12", "vm2")}));
+  ASSERT_TRUE(changed.is_ok()) << changed.to_string();
+  EXPECT_EQ(server_pid(), first);
+  EXPECT_EQ(host_files(), std::vector<std::string>{"02-00-00-00-00-12"});
+  EXPECT_EQ(lease("cl1"), "");
+  EXPECT_EQ(lease("cl2"), "ip=10.9.0.12 mtu=1450 router=.");
+}
+
+// ensure() returns once dnsmasq has read a new host, so the very first DHCP request is answered:
+// with dnsmasq stopped it waits; after reread_timeout it reports Unavailable, and the next
+// ensure() of the same hosts makes dnsmasq reread them.
+TEST_F(DnsmasqDhcpTest, EnsureWaitsUntilDnsmasqHasReadTheHosts) {
+  add_client("cl1", kKnownMac);
+  add_client("cl2", kSecondMac);
+  options_.reread_timeout = milliseconds(3000);
+  create();
+  ASSERT_TRUE(dhcp_->ensure(config({host(kKnownMac, "10.9.0.10", "vm1")})).is_ok());
+  const pid_t pid = server_pid();
+  const auto both =
+      config({host(kKnownMac, "10.9.0.10", "vm1"), host(kSecondMac, "10.9.0.11", "vm2")});
+
+  ASSERT_EQ(::kill(pid, SIGSTOP), 0);
+  std::promise<Status> done;
+  auto result = done.get_future();
+  std::thread caller([&] { done.set_value(dhcp_->ensure(both)); });
+  EXPECT_EQ(result.wait_for(milliseconds(500)), std::future_status::timeout)
+      << "ensure() returned while dnsmasq could not have read the new host";
+  ASSERT_EQ(::kill(pid, SIGCONT), 0);
+  ASSERT_EQ(result.wait_for(milliseconds(2000)), std::future_status::ready);
+  caller.join();
+  const Status added = result.get();
+  EXPECT_TRUE(added.is_ok()) << added.to_string();
+  // One try with no retry: answered only if dnsmasq already had the host.
+  const auto once = capture("ip netns exec cl2 busybox udhcpc -f -n -q -t 1 -T 1 -i eth -s " +
+                            script_ + " 2>/dev/null");
+  EXPECT_EQ(once.out.substr(0, once.out.find('\n')), "ip=10.9.0.11 mtu=1450 router=.");
+
+  const auto third =
+      config({host(kKnownMac, "10.9.0.10", "vm1"), host(kSecondMac, "10.9.0.11", "vm2"),
+              host("02:00:00:00:00:13", "10.9.0.13", "vm3")});
+  ASSERT_EQ(::kill(pid, SIGSTOP), 0);
+  const Status timed_out = dhcp_->ensure(third);
+  ASSERT_EQ(::kill(pid, SIGCONT), 0);
+  EXPECT_EQ(timed_out.code(), Code::kUnavailable);
+  EXPECT_NE(timed_out.message().find("did not read its hosts within 3000ms"), std::string::npos)
+      << timed_out.to_string();
+  const Status retried = dhcp_->ensure(third);
+  EXPECT_TRUE(retried.is_ok()) << retried.to_string();
+  EXPECT_EQ(server_pid(), pid);
+  EXPECT_EQ(host_files(), (std::vector<std::string>{"02-00-00-00-00-11", "02-00-00-00-00-12",
+                                                    "02-00-00-00-00-13"}));
   EXPECT_EQ(lease("cl1"), "ip=10.9.0.10 mtu=1450 router=.");
 }
 
@@ -462,34 +549,48 @@ TEST_F(DnsmasqDhcpTest, InvalidConfigsAreRefused) {
   EXPECT_TRUE(dhcp_->running().empty());
 }
 
-// A dnsmasq left by an earlier daemon (same run_dir) is replaced; a process that merely has its
-// pid in a pid file there is not touched.
+// A dnsmasq left by an earlier daemon (same run_dir; its --dhcp-hostsdir, or the single
+// --dhcp-hostsfile of earlier versions) is replaced; a process that merely has its pid in a pid
+// file there is not touched.
 TEST_F(DnsmasqDhcpTest, ServersOfAnEarlierInstanceAreReplacedOthersLeftAlone) {
   const std::string old_dir = server_dir();
+  const std::string legacy_dir = options_.run_dir + "/net3";
   const std::string other_dir = options_.run_dir + "/net2";
-  std::filesystem::create_directories(old_dir);
+  std::filesystem::create_directories(old_dir + "/hosts.d");
+  std::filesystem::create_directories(legacy_dir);
   std::filesystem::create_directories(other_dir);
-  std::ofstream(old_dir + "/hosts") << "";
+  std::ofstream(legacy_dir + "/hosts") << "";
   auto old_server = spawn_process(
       command({"/usr/sbin/dnsmasq", "--keep-in-foreground", "--conf-file=/dev/null", "--port=0",
-               "--dhcp-hostsfile=" + old_dir + "/hosts", "--pid-file=" + old_dir + "/pid"},
+               "--dhcp-hostsdir=" + old_dir + "/hosts.d", "--pid-file=" + old_dir + "/pid"},
               "/run/netns/dhcpns"));
   ASSERT_TRUE(old_server.is_ok()) << old_server.status().to_string();
+  auto legacy_server = spawn_process(
+      command({"/usr/sbin/dnsmasq", "--keep-in-foreground", "--conf-file=/dev/null", "--port=0",
+               "--dhcp-hostsfile=" + legacy_dir + "/hosts", "--pid-file=" + legacy_dir + "/pid"},
+              "/run/netns/dhcpns"));
+  ASSERT_TRUE(legacy_server.is_ok()) << legacy_server.status().to_string();
   auto bystander = spawn_process(command({"/bin/sleep", "30"}));
   ASSERT_TRUE(bystander.is_ok());
   ASSERT_TRUE(write_file_atomic(other_dir + "/pid", std::to_string(bystander->pid())).is_ok());
   ASSERT_TRUE(write_file_atomic(old_dir + "/pid", std::to_string(old_server->pid())).is_ok());
-  auto running = old_server->try_wait();
-  ASSERT_TRUE(running.is_ok() && !running->has_value()) << "the old dnsmasq did not stay up";
+  ASSERT_TRUE(write_file_atomic(legacy_dir + "/pid", std::to_string(legacy_server->pid())).is_ok());
+  for (Child* c : {&*old_server, &*legacy_server}) {
+    auto running = c->try_wait();
+    ASSERT_TRUE(running.is_ok() && !running->has_value()) << "an old dnsmasq did not stay up";
+  }
 
   create();
-  auto ended = old_server->try_wait();
-  ASSERT_TRUE(ended.is_ok());
-  EXPECT_TRUE(ended->has_value()) << "the earlier instance's dnsmasq still runs";
+  for (Child* c : {&*old_server, &*legacy_server}) {
+    auto ended = c->try_wait();
+    ASSERT_TRUE(ended.is_ok());
+    EXPECT_TRUE(ended->has_value()) << "the earlier instance's dnsmasq still runs";
+  }
   auto still = bystander->try_wait();
   ASSERT_TRUE(still.is_ok());
   EXPECT_FALSE(still->has_value()) << "an unrelated process was stopped";
   EXPECT_FALSE(std::filesystem::exists(old_dir));
+  EXPECT_FALSE(std::filesystem::exists(legacy_dir));
 
   ASSERT_TRUE(dhcp_->ensure(config({})).is_ok());
   EXPECT_NE(server_pid(), old_server->pid());

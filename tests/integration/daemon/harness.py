@@ -26,7 +26,7 @@ namespaces, a dnsmasq left by a killed daemon) exactly as a real host would keep
 the caller gave none), so a test that starts the daemon itself with Popen(daemon_bin, ...) gets
 the same isolation; `Node.daemon_real` is the binary.
 
-Cleanup (`Node.close`) stops, by pid: the daemon, every dnsmasq whose --dhcp-hostsfile lies
+Cleanup (`Node.close`) stops, by pid: the daemon, every dnsmasq whose --dhcp-hostsdir lies
 under the Node's runtime dir (a killed daemon leaves its dnsmasq running, as on a real host),
 the bus and the holder; then deletes the network namespace.
 
@@ -191,8 +191,8 @@ class Node:
 
     def dnsmasq_processes(self):
         """Sorted [(network name, pid)] of the live dnsmasq processes serving this node, found by
-        their --dhcp-hostsfile under the node's runtime dir, wherever their parent is."""
-        prefix = "--dhcp-hostsfile=" + self.run_dir + "/dhcp/"
+        their --dhcp-hostsdir under the node's runtime dir, wherever their parent is."""
+        prefix = "--dhcp-hostsdir=" + self.run_dir + "/dhcp/"
         out = []
         for entry in os.listdir("/proc"):
             if not entry.isdigit():
@@ -212,10 +212,16 @@ class Node:
         return sorted(out)
 
     def dhcp_hosts(self, network):
-        """The dnsmasq hosts file of `network` (None if absent)."""
+        """The leases dnsmasq hands out on `network`: its hosts directory (one file per host,
+        "mac,ip,hostname"), concatenated in name order ("" when empty, None if absent)."""
+        d = os.path.join(self.run_dir, "dhcp", network, "hosts.d")
         try:
-            with open(os.path.join(self.run_dir, "dhcp", network, "hosts")) as f:
-                return f.read()
+            names = sorted(n for n in os.listdir(d) if not n.startswith("."))
+            text = ""
+            for n in names:
+                with open(os.path.join(d, n)) as f:
+                    text += f.read()
+            return text
         except OSError:
             return None
 

@@ -396,7 +396,8 @@ class Restart(NetworkTestCase):
         self.node.start_daemon()
         self.assert_network_built()
         repaired = [e["payload"] for e in self.network_events(before_seq, ("NetworkRepaired",))]
-        self.assertIn({"object": "bridge 'nmbr4097'", "what": "was missing; recreated"},
+        self.assertIn({"network": "blue", "object": "bridge 'nmbr4097'",
+                       "what": "was missing; recreated"},
                       repaired, self.events(before_seq))
         self.assertIn("nft table 'bridge nodemanager'", [p["object"] for p in repaired])
 

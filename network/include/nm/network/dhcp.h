@@ -42,6 +42,12 @@ class Dhcp {
   // and makes it reread it without a restart when only hosts changed, restarts it when anything
   // else changed. Idempotent. Also adopts (or replaces) a server left by an earlier daemon.
   virtual Status ensure(const DhcpServerConfig& config) = 0;
+  // Adds one host to the running server of `key` at a cost that does not depend on how many
+  // hosts it has (the attach path of a port). Returns once the server hands out the lease.
+  // NotFound when no server runs for `key` (call ensure() then); InvalidArgument when the host
+  // does not fit the server's subnet or its MAC or address is taken by another host. A host equal
+  // to one it has is a no-op.
+  virtual Status add_host(const std::string& key, const DhcpHost& host) = 0;
   // Stops the server and removes its files. OK when not running.
   virtual Status stop(const std::string& key) = 0;
   // Keys of the servers running now.

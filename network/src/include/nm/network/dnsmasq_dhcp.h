@@ -2,8 +2,10 @@
 // network's DHCP namespace through ProcessRunner.
 //
 // Files, per server, under <run_dir>/<key>/:
-//   hosts   "mac,ip,hostname" lines, one per DhcpHost: the only leases dnsmasq gives (the range
-//           is `static`, so an unknown MAC gets no answer); replaced atomically (temp + rename)
+//   hosts.d/<mac>  one per DhcpHost, named by its MAC with '-' ("02-ab-cd-ef-01-23"), holding
+//           its "mac,ip[,hostname]" line: the only leases dnsmasq gives (the range is `static`,
+//           so an unknown MAC gets no answer). Published atomically: written as
+//           ".<mac>.tmp" (dnsmasq skips dotfiles), closed, then renamed.
 //   leases  dnsmasq's lease database (kept open by dnsmasq)
 //   pid     dnsmasq's pid, written by dnsmasq once it is serving (our readiness signal)
 //
@@ -11,22 +13,23 @@
 //   --keep-in-foreground --conf-file=/dev/null --port=0 (no DNS) --no-resolv --no-hosts
 //   --bind-interfaces --interface=<ifname> --except-interface=lo
 //   --dhcp-range=<network>,static,<netmask>,1h --dhcp-authoritative
-//   --dhcp-hostsfile --dhcp-leasefile --pid-file (the files above)
+//   --dhcp-hostsdir --dhcp-leasefile --pid-file (the files above)
 //   --dhcp-option=option:router (empty: guests get no default route; there is no router)
 //   --dhcp-option-force=option:mtu,<mtu> (sent even to clients that do not ask, as busybox
 //     udhcpc does not)
 //   --log-facility=- --user=<user> --group=<user's primary group>
 // dnsmasq binds port 67 and sets up its sockets as root, then switches to `user`, keeping only
 // CAP_NET_ADMIN and CAP_NET_RAW (enough for DHCP in its namespace: it never needs root again).
-// It parses packets from tenant guests, so it must not keep root. It rereads the hosts file on
-// SIGHUP as that user: the server's directory and hosts file are root-owned, group `user`'s
-// primary group, modes 0750 and 0640; run_dir itself is made 0711. Dropping root clears the
+// It parses packets from tenant guests, so it must not keep root. It reads host files as that
+// user: the server's directory, hosts.d and the host files are root-owned, group `user`'s
+// primary group, modes 0750, 0750 and 0640; run_dir itself is made 0711. Dropping root clears the
 // PR_SET_PDEATHSIG that ProcessRunner set, so a dnsmasq outlives a daemon killed with SIGKILL
 // (and keeps serving its fixed leases meanwhile).
 //
 // Earlier instances: create() terminates every dnsmasq an earlier daemon left under run_dir (its
-// pid file names a live process whose command line holds that server's --dhcp-hostsfile=...
-// path; any other process is left alone) and removes those files; ensure() and stop() do the
+// pid file names a live process whose command line holds that server's --dhcp-hostsdir=...
+// path, or the --dhcp-hostsfile=<run_dir>/<key>/hosts of earlier versions; any other process is
+// left alone) and removes those files; ensure() and stop() do the
 // same for their key. The reconciler's ensure() calls then start fresh servers: after a daemon
 // restart DHCP is down for a few seconds; leases are fixed, so a guest renewing in that gap just
 // retries and keeps its address.
@@ -77,6 +80,9 @@ class DnsmasqDhcp final : public Dhcp {
     // How long ensure() waits for a started dnsmasq to write its pid file before it gives up
     // and kills it.
     std::chrono::milliseconds start_timeout{10000};
+    // How long ensure() waits for a running dnsmasq to read changed hosts (see ensure()) before
+    // it reports Unavailable.
+    std::chrono::milliseconds reread_timeout{5000};
   };
 
   // Validates `options` (InvalidArgument: empty run_dir, relative paths; NotFound: unknown
@@ -96,9 +102,24 @@ class DnsmasqDhcp final : public Dhcp {
   // [A-Za-z0-9._-] (it goes into a comma-separated file). A server that does not come up (its
   // namespace or interface is missing, dnsmasq exits or does not write its pid file in time) gives
   // Unavailable naming the key and how dnsmasq ended, and is not kept: ensure() again later.
-  // Host-only changes are written to the hosts file and signalled with SIGHUP (same pid); any
-  // other change restarts the server (and drops its lease database).
+  // Host-only changes keep the process (same pid) and are incremental, O(1) in files and work
+  // for dnsmasq per new host (the list itself is still compared in memory):
+  //   - a new host: its file is published; dnsmasq reads it on its own (inotify).
+  //   - a removed or changed host (same MAC, other address or name): its file is removed or
+  //     replaced and dnsmasq gets SIGHUP, as it never forgets what it read otherwise; it then
+  //     drops every host and rereads the whole directory (O(hosts) in dnsmasq: about 20 ms at
+  //     1000 hosts).
+  // Either way ensure() returns only once dnsmasq has read the new files (or the directory, after
+  // SIGHUP), seen as their close after reading through inotify, so the next DHCP request is
+  // answered from the new list. Unavailable when that takes longer than reread_timeout (the next
+  // ensure(), even with the same config, rewrites the directory and signals again); OK when
+  // dnsmasq exits meanwhile (its restart reads everything). Any other change restarts the server
+  // (and drops its lease database).
+  // Not done: dnsmasq keeps the lease of a removed host for up to the lease time (1h), so its
+  // address cannot go to another MAC meanwhile ("not using configured address").
   Status ensure(const DhcpServerConfig& config) override;
+  // One new host file, which dnsmasq reads on its own (no SIGHUP), then waits until it did.
+  Status add_host(const std::string& key, const DhcpHost& host) override;
   Status stop(const std::string& key) override;
   // Servers we supervise, including one waiting to be restarted.
   std::vector<std::string> running() const override;
