@@ -128,6 +128,7 @@ TEST_F(TenantNetworksTest, AddPortInsertsElementsWithoutRewritingTheTable) {
   EXPECT_EQ(fw_.full_applies, full);
   EXPECT_NE(fw_.table->find(p1.ifname), std::string::npos);
   ASSERT_EQ(dhcp_.servers["blue"].hosts.size(), 1U);
+  EXPECT_EQ(dhcp_.add_host_calls, 1);  // one lease added, not the network's whole list
 
   const auto p2 = port(kVm2, "blue", "10.10.0.4");
   ASSERT_TRUE(tn.add_port(blue, p2).is_ok());
