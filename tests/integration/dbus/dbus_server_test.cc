@@ -1068,12 +1068,14 @@ TEST_F(DbusServerTest, CancelOfAnUnknownJobIsUnknownObjectAndServiceErrorsMap) {
   EXPECT_EQ(error2.message(), "job 9 already finished its last step");
 }
 
-TEST_F(DbusServerTest, VmStateChangedEventBecomesTheSignalAndOtherEventsDoNot) {
+TEST_F(DbusServerTest, EventsBecomeTheirSignalOrEventAppended) {
   subscribe(kManagerInterface.data(), nullptr);
   run_on_loop([&] {
-    fake_.observer()->on_event({8, 1, "ImageImported", "sha256:x", "{}"});
+    fake_.observer()->on_event({8, 1, "NetworkRepaired", "bridge 'nmbr7'", "{}"});
     fake_.observer()->on_event({9, 2, "VmStateChanged", kVmId,
                                 R"({"name":"web-1","state":"running","reason":"started"})"});
+    // JobRemoved events are signalled by on_job_removed() (with the job), never twice.
+    fake_.observer()->on_event({10, 3, "JobRemoved", "4", "{}"});
   });
   MessagePtr m = wait_signal("VmStateChanged");
   ASSERT_TRUE(m);
@@ -1085,7 +1087,15 @@ TEST_F(DbusServerTest, VmStateChangedEventBecomesTheSignalAndOtherEventsDoNot) {
   EXPECT_STREQ(name, "web-1");
   EXPECT_STREQ(state, "running");
   EXPECT_STREQ(reason, "started");
-  EXPECT_TRUE(signals_.empty()) << "the ImageImported event must not produce a Manager signal";
+
+  MessagePtr other = wait_signal("EventAppended");
+  ASSERT_TRUE(other);
+  const char *kind, *object;
+  ASSERT_GE(sd_bus_message_read(other.get(), "tss", &seq, &kind, &object), 0);
+  EXPECT_EQ(seq, 8u);
+  EXPECT_STREQ(kind, "NetworkRepaired");
+  EXPECT_STREQ(object, "bridge 'nmbr7'");
+  EXPECT_TRUE(signals_.empty()) << "the JobRemoved event must not produce a second signal";
 }
 
 TEST_F(DbusServerTest, ManagerPropertiesReadFromTheService) {
