@@ -23,13 +23,16 @@ int main(int argc, char** argv) {
     return 1;
   }
   // Our mount changes must not propagate to the host; then a private tmpfs for /run/netns.
-  if (mount(nullptr, "/", nullptr, MS_REC | MS_PRIVATE, nullptr) != 0) {
+  // In a chroot whose root is not a mount point "/" cannot be changed (EINVAL); the tmpfs below
+  // is made private on its own then.
+  if (mount(nullptr, "/", nullptr, MS_REC | MS_PRIVATE, nullptr) != 0 && errno != EINVAL) {
     std::fprintf(stderr, "making / private: %s\n", std::strerror(errno));
     return 1;
   }
   mkdir("/run/netns", 0755);
-  if (mount("tmpfs", "/run/netns", "tmpfs", 0, "mode=0755") != 0) {
-    std::fprintf(stderr, "tmpfs on /run/netns: %s\n", std::strerror(errno));
+  if (mount("tmpfs", "/run/netns", "tmpfs", 0, "mode=0755") != 0 ||
+      mount(nullptr, "/run/netns", nullptr, MS_PRIVATE, nullptr) != 0) {
+    std::fprintf(stderr, "private tmpfs on /run/netns: %s\n", std::strerror(errno));
     return 1;
   }
   // The loopback of the new namespace starts down.
