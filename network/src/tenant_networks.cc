@@ -129,8 +129,9 @@ Status TenantNetworks::add_port(const NetworkSpec& network, const PortSpec& port
   if (added) {
     // The common case costs the same with 1 or 1000 ports on the network: one host for the
     // running server. Anything unusual (no server yet, a clash) goes through the full ensure().
-    const Status s = dhcp_.add_host(network.name.str(), DhcpHost{port.mac, port.ip, port.hostname});
-    if (s.is_ok()) return s;
+    if (dhcp_.add_host(network.name.str(), DhcpHost{port.mac, port.ip, port.hostname}).is_ok()) {
+      return Status::ok();
+    }
   }
   return dhcp_.ensure(dhcp_config(network));
 }

@@ -1826,8 +1826,9 @@ class NodeServiceImpl final : public NodeService {
       report.push_back(&r);
     }
     failing_ = std::move(failing);
-    for (const auto& [name, n] : networks_) {
-      if (n.deleting) continue;
+    for (const auto& entry : networks_) {
+      const std::string& name = entry.first;
+      if (entry.second.deleting) continue;
       const auto bad = std::find_if(repairs.begin(), repairs.end(), [&](const network::Repair& r) {
         return r.failed && r.network == name;
       });
