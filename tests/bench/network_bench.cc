@@ -1,16 +1,25 @@
 // network_bench: issue 4's network benchmark (docs/benchmarks.md).
 //
-//   network_bench [--levels 1,100,1000] [--samples 50] [--runs 5] [--seconds 3] [--strict]
+//   network_bench [--levels 1,100,1000] [--samples 50] [--scenarios single,spread]
+//                 [--per-network 100] [--runs 5] [--seconds 3] [--strict]
 //
 // 1. Port attach time: TenantNetworks over the real adapters (NetlinkLinks, NftFirewall,
-//    DnsmasqDhcp) with one host-local network; the host is filled with N ports (a tap through
+//    DnsmasqDhcp) with host-local networks; the host is filled with N ports (a tap through
 //    Links::ensure_tap plus TenantNetworks::add_port each), then one more port is attached
 //    (ensure_tap + add_port, timed) and detached (remove_port + delete_link, not timed) `samples`
-//    times. Reported per N as p50/p90/p99/max.
-// 2. Throughput: two veth "VMs" (namespaces nmb-tp1, nmb-tp2) on the bridge of a second network,
+//    times. Reported per N as p50/p90/p99/max. Two scenarios, each run on an otherwise empty host
+//    (the networks of the one before are removed first), in this order:
+//    - single: all N ports on one network (one bridge, 10.60.0.0/16), the worst case: the kernel
+//      walks every port of a bridge when one is added or brought up;
+//    - spread: the N ports over networks of at most `per-network` ports each (as a real host's
+//      ports spread over many tenants' /24s): network k is "spread<k>", VNI 100 + k, bridge
+//      nmbr<100 + k>, subnet 10.64.k.0/24; the port is attached to network 0, which holds
+//      min(N, per-network) ports.
+// 2. Throughput: two veth "VMs" (namespaces nmb-tp1, nmb-tp2) on the bridge of another network,
 //    iperf3 TCP between them for `seconds`, `runs` times with our table (both registered as ports,
-//    next to the ports of part 1) and as many times with the table deleted, alternating so both
-//    see the same machine noise. Reported as medians and their ratio. Skipped without iperf3.
+//    next to the N ports left by the last attach scenario) and as many times with the table
+//    deleted, alternating so both see the same machine noise. Reported as medians and their
+//    ratio. Skipped without iperf3.
 //
 // Runs as root; before anything else it moves into private network and mount namespaces (with a
 // private tmpfs on /run/netns), so it leaves nothing on the host. dnsmasq runs as user dnsmasq.
@@ -65,10 +74,22 @@ constexpr double kAttachTargetMs = 10.0;
 constexpr double kThroughputTargetRatio = 0.9;
 constexpr uint32_t kAttachNetworkBase = 0x0a3c0000;      // 10.60.0.0/16
 constexpr uint32_t kThroughputNetworkBase = 0x0a3d0000;  // 10.61.0.0/24
+constexpr uint32_t kSpreadNetworkBase = 0x0a400000;      // 10.64.k.0/24 for network k
+constexpr uint32_t kSpreadVniBase = 100;
+constexpr int kMaxSpreadNetworks = 256;  // the /24s of 10.64.0.0/16
+// Port numbers of the attached ("probe") port, above those of the ports filling its network;
+// port_spec() gives it the address base + 10 + number, inside the network's subnet.
+constexpr uint32_t kSingleProbe = 60000;
+constexpr uint32_t kSpreadProbe = 240;
+constexpr int kMaxPerNetwork = 230;  // port numbers 0..229 and the probe's 240 fit in a /24
+
+enum class Scenario { kSingle, kSpread };
 
 struct Options {
   std::vector<int> levels = {1, 100, 1000};
   int samples = 50;
+  std::vector<Scenario> scenarios = {Scenario::kSingle, Scenario::kSpread};
+  int per_network = 100;
   int runs = 5;
   int seconds = 3;
   bool strict = false;
@@ -190,6 +211,17 @@ class Bench {
   }
   // Puts the table back (and everything else) the way the daemon's audit would.
   Status reconcile() { return networks_.reconcile(specs_, ports_).status(); }
+  // Removes network `n` and the taps of its ports kept by attach_and_keep() (after the bridge is
+  // gone, so that no tap deletion walks the bridge's other ports).
+  Status remove_network(const NetworkSpec& n) {
+    NM_RETURN_IF_ERROR(networks_.remove_network(n));
+    std::erase(specs_, n);
+    for (const PortSpec& p : ports_) {
+      if (p.network == n.name) NM_RETURN_IF_ERROR(links_->delete_link(p.ifname));
+    }
+    std::erase_if(ports_, [&](const PortSpec& p) { return p.network == n.name; });
+    return Status::ok();
+  }
 
  private:
   std::unique_ptr<network::NetlinkLinks> links_;
@@ -202,11 +234,28 @@ class Bench {
 
 struct AttachRow {
   int ports = 0;
+  int networks = 1;                 // the ports are spread over this many networks
   std::vector<double> sorted_ms;    // the whole attach
   std::vector<double> tap_ms;       // of which ensure_tap
-  std::vector<double> add_port_ms;  // of which add_port (nft elements + DHCP hosts file, SIGHUP)
+  std::vector<double> add_port_ms;  // of which add_port (nft elements + one DHCP host file)
   std::vector<double> rules_ms;     // the nft transaction alone, measured apart
 };
+
+struct AttachTable {
+  Scenario scenario = Scenario::kSingle;
+  std::vector<AttachRow> rows;
+};
+
+const char* scenario_name(Scenario s) {
+  return s == Scenario::kSingle ? "single" : "spread";
+}
+
+// Network number `k` of an attach scenario (single has only number 0).
+NetworkSpec attach_network(Scenario scenario, uint32_t k) {
+  if (scenario == Scenario::kSingle) return network_spec("attach", 10, kAttachNetworkBase, 16);
+  return network_spec("spread" + std::to_string(k), kSpreadVniBase + k,
+                      kSpreadNetworkBase + (k << 8U), 24);
+}
 
 double ms(Clock::duration d) {
   return std::chrono::duration<double, std::milli>(d).count();
@@ -217,19 +266,36 @@ double p50(std::vector<double> v) {
   return percentile(v, 0.5);
 }
 
-bool measure_attach(Bench& bench, const NetworkSpec& net, const Options& opts,
-                    std::vector<AttachRow>* rows) {
+// One attach scenario, level after level. Port j of the host is port number j % per of network
+// j / per (networks realized as they are needed). Unless `keep`, removes its networks and taps at
+// the end, so the next scenario starts from an empty host.
+bool measure_attach(Bench& bench, Scenario scenario, const Options& opts, bool keep,
+                    AttachTable* table) {
+  const bool spread = scenario == Scenario::kSpread;
+  const uint32_t per = spread ? static_cast<uint32_t>(opts.per_network) : UINT32_MAX;
+  table->scenario = scenario;
+  std::vector<NetworkSpec> networks;
   uint32_t next = 0;
   for (const int level : opts.levels) {
-    while (next < static_cast<uint32_t>(level)) {
-      const PortSpec p = port_spec(net, next++);
-      if (Status s = bench.attach_and_keep(net, p); !s.is_ok()) {
+    const auto ports = static_cast<uint32_t>(level);
+    const uint32_t needed = ports == 0 ? 1 : (ports - 1) / per + 1;
+    while (networks.size() < needed) {
+      networks.push_back(attach_network(scenario, static_cast<uint32_t>(networks.size())));
+      if (Status s = bench.realize(networks.back()); !s.is_ok()) {
+        return fail("realizing network '" + networks.back().name.str() + "'", s);
+      }
+    }
+    for (; next < ports; ++next) {
+      const PortSpec p = port_spec(networks[next / per], next % per);
+      if (Status s = bench.attach_and_keep(networks[next / per], p); !s.is_ok()) {
         return fail("attaching port '" + p.ifname + "'", s);
       }
     }
-    const PortSpec probe = port_spec(net, 60000);
+    const NetworkSpec& net = networks.front();
+    const PortSpec probe = port_spec(net, spread ? kSpreadProbe : kSingleProbe);
     AttachRow row;
     row.ports = level;
+    row.networks = static_cast<int>(needed);
     for (int i = 0; i < opts.samples; ++i) {
       Clock::duration tap{};
       Clock::duration add_port{};
@@ -249,9 +315,15 @@ bool measure_attach(Bench& bench, const NetworkSpec& net, const Options& opts,
       row.rules_ms.push_back(ms(rules));
     }
     std::sort(row.sorted_ms.begin(), row.sorted_ms.end());
-    std::fprintf(stderr, "network_bench: %d ports: attach p50 %.3f ms\n", level,
-                 percentile(row.sorted_ms, 0.5));
-    rows->push_back(std::move(row));
+    std::fprintf(stderr, "network_bench: %s, %d ports on %u network(s): attach p50 %.3f ms\n",
+                 scenario_name(scenario), level, needed, percentile(row.sorted_ms, 0.5));
+    table->rows.push_back(std::move(row));
+  }
+  if (keep) return true;
+  for (const NetworkSpec& n : networks) {
+    if (Status s = bench.remove_network(n); !s.is_ok()) {
+      return fail("removing network '" + n.name.str() + "'", s);
+    }
   }
   return true;
 }
@@ -377,33 +449,57 @@ std::string join(const std::vector<double>& v) {
   return out;
 }
 
-bool report(const Options& opts, const std::vector<AttachRow>& rows,
+// One scenario's table and its target line; false when the target was missed.
+bool report_attach(const Options& opts, const AttachTable& table) {
+  if (table.scenario == Scenario::kSingle) {
+    std::printf("single: all ports on one network (one bridge, 10.60.0.0/16), the worst case\n\n");
+  } else {
+    std::printf(
+        "spread: ports over networks of at most %d ports (a bridge and a /24 each), the port\n"
+        "attached to one holding min(N, %d)\n\n",
+        opts.per_network, opts.per_network);
+  }
+  std::printf("%-22s %5s %8s %8s %8s %8s | p50: %8s %9s %8s\n", "ports already on host", "n",
+              "p50 ms", "p90 ms", "p99 ms", "max ms", "tap", "add_port", "nft");
+  for (const auto& row : table.rows) {
+    std::string label = std::to_string(row.ports);
+    if (table.scenario == Scenario::kSpread) {
+      label += " on " + std::to_string(row.networks) + (row.networks == 1 ? " net" : " nets");
+    }
+    std::printf("%-22s %5zu %8.3f %8.3f %8.3f %8.3f |      %8.3f %9.3f %8.3f\n", label.c_str(),
+                row.sorted_ms.size(), percentile(row.sorted_ms, 0.5),
+                percentile(row.sorted_ms, 0.9), percentile(row.sorted_ms, 0.99),
+                row.sorted_ms.back(), p50(row.tap_ms), p50(row.add_port_ms), p50(row.rules_ms));
+  }
+  if (table.rows.empty()) return true;
+  const double last = percentile(table.rows.back().sorted_ms, 0.5);
+  const double first = percentile(table.rows.front().sorted_ms, 0.5);
+  const bool ok = last < kAttachTargetMs;
+  std::printf("%s: %s: attach p50 < %.0f ms with %d ports: %.3f ms (%.2fx the p50 with %d)\n\n",
+              ok ? "PASS" : "FAIL", scenario_name(table.scenario), kAttachTargetMs,
+              table.rows.back().ports, last, last / first, table.rows.front().ports);
+  return ok;
+}
+
+bool report(const Options& opts, const std::vector<AttachTable>& tables,
             const std::optional<Throughput>& tput) {
   bool met = true;
   std::printf(
       "network_bench: port attach (Links::ensure_tap + TenantNetworks::add_port), "
       "%d samples per level\n\n",
       opts.samples);
-  std::printf("%-22s %5s %8s %8s %8s %8s | p50: %8s %9s %8s\n", "ports already on host", "n",
-              "p50 ms", "p90 ms", "p99 ms", "max ms", "tap", "add_port", "nft");
-  for (const auto& row : rows) {
-    std::printf("%-22d %5zu %8.3f %8.3f %8.3f %8.3f |      %8.3f %9.3f %8.3f\n", row.ports,
-                row.sorted_ms.size(), percentile(row.sorted_ms, 0.5),
-                percentile(row.sorted_ms, 0.9), percentile(row.sorted_ms, 0.99),
-                row.sorted_ms.back(), p50(row.tap_ms), p50(row.add_port_ms), p50(row.rules_ms));
-  }
+  for (const AttachTable& table : tables) met = report_attach(opts, table) && met;
   std::printf(
       "(tap: Links::ensure_tap; add_port: TenantNetworks::add_port, i.e. the nft elements\n"
-      " and the DHCP hosts file + SIGHUP; nft: the same nft transaction alone)\n");
-  std::printf("\n");
-  if (!rows.empty()) {
-    const double last = percentile(rows.back().sorted_ms, 0.5);
-    const double first = percentile(rows.front().sorted_ms, 0.5);
-    const bool ok = last < kAttachTargetMs;
-    met = met && ok;
-    std::printf("%s: attach p50 < %.0f ms with %d ports: %.3f ms (%.2fx the p50 with %d)\n",
-                ok ? "PASS" : "FAIL", kAttachTargetMs, rows.back().ports, last, last / first,
-                rows.front().ports);
+      " and one DHCP host file read by dnsmasq; nft: the same nft transaction alone)\n");
+  if (tables.size() == 2 && tables[0].scenario == Scenario::kSingle && !tables[0].rows.empty() &&
+      !tables[1].rows.empty()) {
+    const AttachRow& single = tables[0].rows.back();
+    const AttachRow& spread = tables[1].rows.back();
+    std::printf(
+        "with %d ports, spread / single: attach p50 %.3f / %.3f ms, tap p50 %.3f / %.3f ms\n",
+        single.ports, percentile(spread.sorted_ms, 0.5), percentile(single.sorted_ms, 0.5),
+        p50(spread.tap_ms), p50(single.tap_ms));
   }
   if (!tput) {
     std::printf("throughput: skipped (iperf3 not installed)\n");
@@ -427,8 +523,8 @@ bool report(const Options& opts, const std::vector<AttachRow>& rows,
 }
 
 constexpr const char* kUsage =
-    "usage: network_bench [--levels 1,100,1000] [--samples N] [--runs N] [--seconds N] "
-    "[--strict]\n";
+    "usage: network_bench [--levels 1,100,1000] [--samples N] [--scenarios single,spread]\n"
+    "                     [--per-network N] [--runs N] [--seconds N] [--strict]\n";
 
 bool parse_int(std::string_view text, int min, int* out) {
   int v = 0;
@@ -447,6 +543,16 @@ bool parse_args(int argc, char** argv, Options* opts) {
       opts->strict = true;
     } else if (arg == "--samples" && has_value) {
       ok = parse_int(argv[++i], 1, &opts->samples);
+    } else if (arg == "--per-network" && has_value) {
+      ok = parse_int(argv[++i], 1, &opts->per_network) && opts->per_network <= kMaxPerNetwork;
+    } else if (arg == "--scenarios" && has_value) {
+      const std::string_view list = argv[++i];
+      const bool single = list == "single" || list == "single,spread";
+      const bool spread = list == "spread" || list == "single,spread";
+      ok = single || spread;
+      opts->scenarios.clear();
+      if (single) opts->scenarios.push_back(Scenario::kSingle);
+      if (spread) opts->scenarios.push_back(Scenario::kSpread);
     } else if (arg == "--runs" && has_value) {
       ok = parse_int(argv[++i], 1, &opts->runs);
     } else if (arg == "--seconds" && has_value) {
@@ -470,6 +576,14 @@ bool parse_args(int argc, char** argv, Options* opts) {
       std::fprintf(stderr, "network_bench: bad or incomplete argument '%s'\n%s", argv[i], kUsage);
       return false;
     }
+  }
+  const bool spread = std::find(opts->scenarios.begin(), opts->scenarios.end(),
+                                Scenario::kSpread) != opts->scenarios.end();
+  if (spread &&
+      (opts->levels.back() + opts->per_network - 1) / opts->per_network > kMaxSpreadNetworks) {
+    std::fprintf(stderr, "network_bench: spread: %d ports need more than %d networks of %d\n",
+                 opts->levels.back(), kMaxSpreadNetworks, opts->per_network);
+    return false;
   }
   return true;
 }
@@ -512,18 +626,20 @@ int run(const Options& opts) {
     }
     Bench bench(std::move(links).value(), std::move(firewall).value(), std::move(dhcp).value());
 
-    const NetworkSpec net = network_spec("attach", 10, kAttachNetworkBase, 16);
-    std::vector<AttachRow> rows;
+    std::vector<AttachTable> tables;
     std::optional<Throughput> tput;
-    if (Status s = bench.realize(net); !s.is_ok()) {
-      rc = fail("realizing network 'attach'", s) ? 0 : 1;
-    } else if (!measure_attach(bench, net, opts, &rows)) {
-      rc = 1;
-    } else if (sh("command -v iperf3 >/dev/null") == 0) {
+    for (const Scenario scenario : opts.scenarios) {
+      const bool last = scenario == opts.scenarios.back();
+      if (!measure_attach(bench, scenario, opts, last, &tables.emplace_back())) {
+        rc = 1;
+        break;
+      }
+    }
+    if (rc == 0 && sh("command -v iperf3 >/dev/null") == 0) {
       tput.emplace();
       if (!measure_throughput(bench, opts, &*tput)) rc = 1;
     }
-    if (rc == 0 && !report(opts, rows, tput) && opts.strict) rc = 3;
+    if (rc == 0 && !report(opts, tables, tput) && opts.strict) rc = 3;
   }
   ::umount2(dir.c_str(), MNT_DETACH);
   std::filesystem::remove_all(dir);

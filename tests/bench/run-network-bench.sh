@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Runs the tenant network benchmark (docs/benchmarks.md, issue 4): port attach time with 1, 100
-# and 1000 ports on the host, and iperf3 throughput between two veth "VMs" on one bridge with and
-# without the anti-spoofing table. network_bench moves itself into private network and mount
-# namespaces, so nothing is left on the host.
+# and 1000 ports on the host, first all on one network ("single", the worst case: one bridge),
+# then spread over networks of at most 100 ports each ("spread"), and iperf3 throughput between
+# two veth "VMs" on one bridge with and without the anti-spoofing table. network_bench moves
+# itself into private network and mount namespaces, so nothing is left on the host.
 #
-#   sudo tests/bench/run-network-bench.sh [--levels 1,100,1000] [--samples 50] [--runs 5]
-#                                         [--seconds 3] [--strict]
+#   sudo tests/bench/run-network-bench.sh [--levels 1,100,1000] [--samples 50]
+#        [--scenarios single,spread] [--per-network 100] [--runs 5] [--seconds 3] [--strict]
 #
 # NM_BUILD_DIR: a configured build tree to use (default: <repo>/build, configured and built here
 # when network_bench is missing). Needs root, ip, nft, dnsmasq (user 'dnsmasq'); without iperf3
