@@ -58,11 +58,14 @@ BUS_CONFIG = """<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Config
 
 WRAPPER = """#!/bin/sh
 # nodemanagerd inside the network and mount namespaces of test node {netns} (see harness.py).
+# --root/--wd: entering a mount namespace resets the root to the namespace's; keep the holder's
+# (which is a chroot's root when the tests run in one).
 for a in "$@"; do
-  case "$a" in --runtime-dir|--runtime-dir=*) exec nsenter --target {holder} --mount --net -- \
+  case "$a" in --runtime-dir|--runtime-dir=*) exec nsenter --target {holder} --mount --net --root --wd -- \
     {daemon} "$@";; esac
 done
-exec nsenter --target {holder} --mount --net -- {daemon} "$@" --runtime-dir {run_dir}
+exec nsenter --target {holder} --mount --net --root --wd -- {daemon} "$@" \
+  --runtime-dir {run_dir}
 """
 
 _node_counter = itertools.count(1)
@@ -156,7 +159,7 @@ class Node:
         """Runs argv on this node (its network namespace and its /run/netns); returns the
         CompletedProcess (text). With check, a non-zero exit raises."""
         p = subprocess.run(["nsenter", "--target", str(self.holder.pid), "--mount", "--net",
-                            "--"] + list(argv), capture_output=True, text=True, timeout=timeout,
+                            "--root", "--wd", "--"] + list(argv), capture_output=True, text=True, timeout=timeout,
                            input=input)
         if check and p.returncode != 0:
             raise RuntimeError("%s on node '%s' exited %d: %s" %

@@ -41,10 +41,13 @@ class NodeTestCase(unittest.TestCase):
 
     def setUp(self):
         self.node = harness.Node()
+        # A cleanup, not tearDown(): it also runs when setUp (here or in a subclass) fails, so a
+        # daemon that cannot start leaves no bus, holder or namespace behind.
+        self.addCleanup(self._close_node)
         self.node.start_bus()
         self.node.start_daemon(self.daemon_args)
 
-    def tearDown(self):
+    def _close_node(self):
         failed = self._failed()
         if failed:
             sys.stderr.write("\n==== nodemanagerd stderr (%s) ====\n%s\n" %
@@ -580,10 +583,11 @@ class Systemd(unittest.TestCase):
 
     def setUp(self):
         self.node = harness.Node()
-        self.node.start_bus()
         self.proc = None
+        self.addCleanup(self._close)
+        self.node.start_bus()
 
-    def tearDown(self):
+    def _close(self):
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(timeout=10)
