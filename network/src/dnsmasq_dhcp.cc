@@ -563,17 +563,21 @@ struct DnsmasqDhcp::Impl {
     }
     auto& hosts = s.config.hosts;  // sorted
     const auto pos = std::lower_bound(hosts.begin(), hosts.end(), host);
-    if (pos != hosts.end() && *pos == host && s.in_sync) return Status::ok();
+    const bool present = pos != hosts.end() && *pos == host;
+    if (present && s.in_sync) return Status::ok();
     // O(hosts) comparisons without allocation; the expensive part (files, dnsmasq) stays O(1).
-    for (const auto& h : hosts) {
-      if (h.mac == host.mac) return invalid_argument(what + ": MAC already has a lease");
-      if (h.ip == host.ip) {
-        return invalid_argument(what + ": " + host.ip.str() + " is leased to " + h.mac.str());
+    if (!present) {
+      for (const auto& h : hosts) {
+        if (h.mac == host.mac) return invalid_argument(what + ": MAC already has a lease");
+        if (h.ip == host.ip) {
+          return invalid_argument(what + ": " + host.ip.str() + " is leased to " + h.mac.str());
+        }
       }
     }
     if (!s.in_sync) {
+      // An earlier update failed half-way: rewrite the whole directory and have it reread.
       auto all = hosts;
-      all.insert(std::lower_bound(all.begin(), all.end(), host), host);
+      if (!present) all.insert(std::lower_bound(all.begin(), all.end(), host), host);
       return update_hosts(s, std::move(all));
     }
     s.in_sync = false;

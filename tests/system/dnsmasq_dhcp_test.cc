@@ -368,6 +368,33 @@ TEST_F(DnsmasqDhcpTest, EnsureIsIdempotentAndNewHostsAreReadWithoutRestart) {
   EXPECT_EQ(lease("cl1"), "ip=10.9.0.10 mtu=1450 router=.");
 }
 
+// add_host(): one lease for a running server, no restart; clashes and unknown servers refused.
+TEST_F(DnsmasqDhcpTest, AddHostServesTheNewLeaseAtOnceWithoutRestart) {
+  add_client("cl1", kKnownMac);
+  add_client("cl2", kSecondMac);
+  create();
+  EXPECT_EQ(dhcp_->add_host("net1", host(kSecondMac, "10.9.0.11", "vm2")).code(), Code::kNotFound);
+  ASSERT_TRUE(dhcp_->ensure(config({host(kKnownMac, "10.9.0.10", "vm1")})).is_ok());
+  const pid_t first = server_pid();
+  const Status added = dhcp_->add_host("net1", host(kSecondMac, "10.9.0.11", "vm2"));
+  ASSERT_TRUE(added.is_ok()) << added.to_string();
+  EXPECT_EQ(server_pid(), first);
+  EXPECT_EQ(lease("cl2"), "ip=10.9.0.11 mtu=1450 router=.");
+  // Again: a no-op. Another MAC on a taken address, or a taken MAC: refused.
+  EXPECT_TRUE(dhcp_->add_host("net1", host(kSecondMac, "10.9.0.11", "vm2")).is_ok());
+  EXPECT_EQ(dhcp_->add_host("net1", host("02:00:00:00:00:99", "10.9.0.11", "vm3")).code(),
+            Code::kInvalidArgument);
+  EXPECT_EQ(dhcp_->add_host("net1", host(kKnownMac, "10.9.0.12", "vm1")).code(),
+            Code::kInvalidArgument);
+  // ensure() with the full list afterwards changes nothing.
+  ASSERT_TRUE(dhcp_
+                  ->ensure(config(
+                      {host(kKnownMac, "10.9.0.10", "vm1"), host(kSecondMac, "10.9.0.11", "vm2")}))
+                  .is_ok());
+  EXPECT_EQ(server_pid(), first);
+  EXPECT_EQ(lease("cl1"), "ip=10.9.0.10 mtu=1450 router=.");
+}
+
 // Removed and changed hosts take a SIGHUP (dnsmasq only adds hosts on its own).
 TEST_F(DnsmasqDhcpTest, RemovedAndChangedHostsAreForgottenWithoutRestart) {
   add_client("cl1", kKnownMac);
