@@ -6,27 +6,12 @@
 #include <cstdlib>
 #include <optional>
 
+#include "nm/core/strict_json.h"
+
 namespace nm::network {
 namespace {
 
-// A user string made safe for a one-line message: control and non-ASCII bytes as \xNN, long
-// strings cut.
-std::string printable(std::string_view s, size_t max_shown = 64) {
-  static constexpr char kHex[] = "0123456789abcdef";
-  std::string out;
-  for (size_t i = 0; i < s.size() && i < max_shown; ++i) {
-    const auto c = static_cast<unsigned char>(s[i]);
-    if (c >= 0x20 && c < 0x7f) {
-      out += static_cast<char>(c);
-    } else {
-      out += "\\x";
-      out += kHex[c >> 4];
-      out += kHex[c & 0xf];
-    }
-  }
-  if (s.size() > max_shown) out += "...";
-  return out;
-}
+using strict_json::printable;
 
 bool is_digit(char c) {
   return c >= '0' && c <= '9';
