@@ -34,32 +34,13 @@
 #include "nm/network/addr.h"
 #include "nm/network/nft_firewall.h"
 #include "nm/network/nft_ruleset.h"
+#include "shell.h"
 
 namespace nm::network {
 namespace {
 
-struct CommandResult {
-  int exit_code = -1;
-  std::string output;  // stdout and stderr
-};
-
-struct PipeClose {
-  void operator()(FILE* f) const noexcept { pclose(f); }
-};
-
-CommandResult sh(const std::string& command) {
-  CommandResult result;
-  FILE* raw = popen((command + " 2>&1").c_str(), "r");
-  if (raw == nullptr) return result;
-  std::unique_ptr<FILE, PipeClose> pipe(raw);
-  std::array<char, 4096> buf{};
-  size_t n = 0;
-  while ((n = fread(buf.data(), 1, buf.size(), pipe.get())) > 0)
-    result.output.append(buf.data(), n);
-  const int status = pclose(pipe.release());
-  result.exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
-  return result;
-}
+using system_test::CommandResult;
+using system_test::sh;
 
 // Runs `command` inside network namespace `ns`.
 CommandResult in_ns(const std::string& ns, const std::string& command) {

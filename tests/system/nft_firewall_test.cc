@@ -14,31 +14,13 @@
 #include <thread>
 #include <vector>
 
+#include "shell.h"
+
 namespace nm::network {
 namespace {
 
-struct CommandResult {
-  int exit_code = -1;
-  std::string output;  // stdout and stderr
-};
-
-struct PipeClose {
-  void operator()(FILE* f) const noexcept { pclose(f); }
-};
-
-CommandResult sh(const std::string& command) {
-  CommandResult result;
-  FILE* raw = popen((command + " 2>&1").c_str(), "r");
-  if (raw == nullptr) return result;
-  std::unique_ptr<FILE, PipeClose> pipe(raw);
-  std::array<char, 4096> buf{};
-  size_t n = 0;
-  while ((n = fread(buf.data(), 1, buf.size(), pipe.get())) > 0)
-    result.output.append(buf.data(), n);
-  const int status = pclose(pipe.release());
-  result.exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
-  return result;
-}
+using system_test::CommandResult;
+using system_test::sh;
 
 // A table with a set, a map-free chain and a counter rule: enough shape for listings to differ.
 constexpr const char* kScript = R"(add table bridge nodemanager
