@@ -173,6 +173,19 @@ std::string vm_list_json(const std::vector<VmRow>& vms) {
   return dump(arr);
 }
 
+namespace {
+// "key:  value" lines, the values aligned one column after the longest key.
+std::string key_value_lines(const std::vector<std::pair<std::string, std::string>>& lines) {
+  size_t w = 0;
+  for (const auto& l : lines) w = std::max(w, l.first.size());
+  std::string out;
+  for (const auto& [k, v] : lines) {
+    out.append(k).append(":").append(w - k.size() + 1, ' ').append(v).append("\n");
+  }
+  return out;
+}
+}  // namespace
+
 std::string vm_show_text(std::string_view vm_json) {
   const json doc = json::parse(vm_json, nullptr, false);
   if (doc.is_discarded() || !doc.is_object()) return std::string(vm_json) + "\n";
@@ -184,13 +197,7 @@ std::string vm_show_text(std::string_view vm_json) {
       lines.emplace_back(key, scalar_text(value));
     }
   }
-  size_t w = 0;
-  for (const auto& l : lines) w = std::max(w, l.first.size());
-  std::string out;
-  for (const auto& [k, v] : lines) {
-    out.append(k).append(":").append(w - k.size() + 1, ' ').append(v).append("\n");
-  }
-  return out;
+  return key_value_lines(lines);
 }
 
 std::string vm_show_json(std::string_view vm_json) {
@@ -245,13 +252,7 @@ std::string network_show_text(std::string_view network_json) {
                              scalar_text(p.value("vm_id", json(""))));
     }
   }
-  size_t w = 0;
-  for (const auto& l : lines) w = std::max(w, l.first.size());
-  std::string out;
-  for (const auto& [k, v] : lines) {
-    out.append(k).append(":").append(w - k.size() + 1, ' ').append(v).append("\n");
-  }
-  return out;
+  return key_value_lines(lines);
 }
 
 std::string image_list_table(const std::vector<ImageRow>& images) {
