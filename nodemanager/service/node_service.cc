@@ -1816,14 +1816,14 @@ class NodeServiceImpl final : public NodeService {
   // otherwise.
   void record_repairs(const std::vector<network::Repair>& repairs) {
     std::set<std::string> failing;
-    std::vector<const network::Repair*> report;
+    std::vector<network::Repair> report;
     for (const auto& r : repairs) {
       if (r.failed) {
         const std::string key = r.object + "\n" + r.what;
         failing.insert(key);
         if (failing_.count(key)) continue;
       }
-      report.push_back(&r);
+      report.push_back(r);
     }
     failing_ = std::move(failing);
     for (const auto& entry : networks_) {
@@ -1838,10 +1838,7 @@ class NodeServiceImpl final : public NodeService {
         record_network_state(name, "ready", "built on the host");
       }
     }
-    std::vector<network::Repair> to_record;
-    to_record.reserve(report.size());
-    for (const network::Repair* r : report) to_record.push_back(*r);
-    record_event_of_repairs(to_record);
+    record_event_of_repairs(report);
   }
 
   // One NetworkRepaired event and a warning per entry, in one transaction.
@@ -1850,12 +1847,11 @@ class NodeServiceImpl final : public NodeService {
     std::vector<EventRecord> events;
     const Status c = commit(
         [&](StateTxn& txn) -> Status {
-          for (const network::Repair& entry : report) {
-            const network::Repair* r = &entry;
-            json payload = {{"object", r->object}, {"what", r->what}};
-            if (!r->network.empty()) payload["network"] = r->network;
-            if (r->failed) payload["failed"] = true;
-            NM_RETURN_IF_ERROR(append(txn, "NetworkRepaired", r->object, payload, events));
+          for (const network::Repair& r : report) {
+            json payload = {{"object", r.object}, {"what", r.what}};
+            if (!r.network.empty()) payload["network"] = r.network;
+            if (r.failed) payload["failed"] = true;
+            NM_RETURN_IF_ERROR(append(txn, "NetworkRepaired", r.object, payload, events));
           }
           return Status::ok();
         },
