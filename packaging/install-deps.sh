@@ -11,11 +11,11 @@ build_pkgs=(
   clang libclang-rt-14-dev clang-format clang-tidy
   libvirt-dev libsystemd-dev libboost-program-options-dev libspdlog-dev libfmt-dev
   libgtest-dev libgmock-dev libbenchmark-dev libsqlite3-dev nlohmann-json3-dev
-  libnl-route-3-dev libnftables-dev libssl-dev
+  libnl-route-3-dev libnftables-dev libssl-dev libcurl4-openssl-dev
 )
 runtime_pkgs=(
   libvirt-daemon-system libvirt-clients qemu-system-x86 qemu-utils
-  dbus dnsmasq-base iproute2 nftables
+  dbus dnsmasq-base iproute2 nftables libcurl4
 )
 # systemd: busctl for the D-Bus tests (the package only; it does not become PID 1).
 test_pkgs=(

@@ -2,6 +2,7 @@
 
 #include <fcntl.h>
 #include <sys/stat.h>
+#include <sys/statvfs.h>
 #include <unistd.h>
 
 #include <cerrno>
@@ -89,6 +90,13 @@ Result<std::string> read_file(const std::string& path) {
     out.append(buf, static_cast<size_t>(n));
   }
   return out;
+}
+
+Result<FsSpace> filesystem_space(const std::string& path) {
+  struct statvfs st {};
+  if (::statvfs(path.c_str(), &st) != 0) return errno_status(errno, "statvfs '" + path + "'");
+  return FsSpace{.total_bytes = static_cast<uint64_t>(st.f_blocks) * st.f_frsize,
+                 .available_bytes = static_cast<uint64_t>(st.f_bavail) * st.f_frsize};
 }
 
 }  // namespace nm

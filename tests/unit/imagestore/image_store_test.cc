@@ -106,7 +106,7 @@ class DirImageStoreTest : public ::testing::Test {
 
   void reopen() {
     store_.reset();
-    auto s = open_dir_image_store(root_.string(), clock_);
+    auto s = open_dir_image_store(root_.string(), ImageStoreOptions{.clock = clock_});
     ASSERT_TRUE(s.is_ok()) << s.status().to_string();
     store_ = std::move(s).value();
   }
@@ -388,7 +388,7 @@ TEST_F(DirImageStoreTest, FullDiskIsUnavailableAndLeavesNoTempFile) {
     GTEST_SKIP() << "cannot mount a small tmpfs here (needs CAP_SYS_ADMIN)";
   }
   {
-    auto s = open_dir_image_store((small / "images").string(), clock_);
+    auto s = open_dir_image_store((small / "images").string(), ImageStoreOptions{.clock = clock_});
     ASSERT_TRUE(s.is_ok()) << s.status().to_string();
     const std::string data = pattern_bytes(size_t{3} * 1024 * 1024, 'f');
     UniqueFd fd = source(data);

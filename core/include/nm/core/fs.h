@@ -1,6 +1,7 @@
 // File-system helpers with crash-safe publication.
 #pragma once
 
+#include <cstdint>
 #include <string>
 #include <string_view>
 
@@ -45,5 +46,12 @@ Status write_file_atomic(const std::string& path, std::string_view data);
 Status fsync_parent_dir(const std::string& path);
 
 Result<std::string> read_file(const std::string& path);
+
+struct FsSpace {
+  uint64_t total_bytes = 0;
+  uint64_t available_bytes = 0;  // to unprivileged writers (statvfs f_bavail)
+};
+// The filesystem holding `path` (statvfs).
+Result<FsSpace> filesystem_space(const std::string& path);
 
 }  // namespace nm
