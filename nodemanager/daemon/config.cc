@@ -34,6 +34,11 @@ Result<ParseOutcome> parse_daemon_config(int argc, const char* const* argv, Daem
     ("network-mtu", po::value(&c.network_mtu)->default_value(c.network_mtu), "MTU handed to guests by DHCP (underlay MTU minus 50 for VXLAN)")
     ("runtime-dir", po::value(&c.runtime_dir)->default_value(c.runtime_dir), "runtime files (DHCP hosts, leases, pid files); its parents must be searchable by the dnsmasq user")
     ("dnsmasq", po::value(&c.dnsmasq)->default_value(c.dnsmasq), "path of the dnsmasq binary that serves DHCP on tenant networks")
+    ("image-source", po::value(&c.image_sources)->composing(), "shared image store to pull from, repeatable, tried in order: dir:/path, /path or http://host[:port]/base/")
+    ("image-reserve-mib", po::value(&c.image_reserve_mib)->default_value(c.image_reserve_mib), "a pull must leave this much free on the image cache filesystem")
+    ("image-gc-min-age", po::value(&c.image_gc_min_age_s)->default_value(c.image_gc_min_age_s), "seconds since its last use before an unused, unpinned image may be collected")
+    ("image-gc-interval", po::value(&c.image_gc_interval_s)->default_value(c.image_gc_interval_s), "seconds between periodic image garbage collections; 0: never (nodectl image gc still works)")
+    ("disk-reserve-mib", po::value(&c.disk_reserve_mib)->default_value(c.disk_reserve_mib), "CreateVm is refused while the instances filesystem has less than this free")
     ("debug-job-delay-ms", po::value(&c.debug_job_delay_ms)->default_value(0), "testing only: pause between job steps");
   // clang-format on
   po::variables_map vm;
@@ -97,6 +102,12 @@ Result<ParseOutcome> parse_daemon_config(int argc, const char* const* argv, Daem
   }
   if (c.dnsmasq.empty() || c.dnsmasq.front() != '/') {
     return invalid_argument("dnsmasq: '" + c.dnsmasq + "' must be an absolute path");
+  }
+  for (const auto& src : c.image_sources) {
+    if (src.empty()) return invalid_argument("image-source: must not be empty");
+  }
+  if (c.image_gc_interval_s > 0 && c.image_gc_interval_s < 10) {
+    return invalid_argument("image-gc-interval: must be 0 (off) or at least 10 seconds");
   }
   return ParseOutcome::kRun;
 }

@@ -35,6 +35,14 @@ struct DaemonConfig {
   // Runtime files (DHCP hosts files, leases, pid files), made mode 0711 so that dnsmasq, which
   // drops root, can reach its own files below it. systemd: RuntimeDirectory=nodemanager.
   std::string runtime_dir = "/run/nodemanager";
+  // Image store: shared stores to pull from, in order ("dir:/path", "/path" or "http://..."),
+  // space a pull leaves free, and garbage collection of unused images.
+  std::vector<std::string> image_sources;
+  uint64_t image_reserve_mib = 1024;
+  uint64_t image_gc_min_age_s = 86400;
+  uint64_t image_gc_interval_s = 3600;  // 0: no periodic collection
+  // CreateVm is refused while the instances filesystem has less than this free.
+  uint64_t disk_reserve_mib = 1024;
 };
 
 enum class ParseOutcome { kRun, kExitOk };

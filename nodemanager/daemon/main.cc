@@ -15,6 +15,7 @@
 #include "nm/core/fs.h"
 #include "nm/core/log.h"
 #include "nm/executor.h"
+#include "nm/imagestore/image_source.h"
 #include "nm/imagestore/image_store.h"
 #include "nm/network/dnsmasq_dhcp.h"
 #include "nm/network/netlink_links.h"
@@ -57,8 +58,17 @@ int run(const nm::DaemonConfig& cfg) {
   auto store =
       nm::open_sqlite_state_store(cfg.state_dir + "/state.db", db_opts, clock.now_realtime_us());
   if (!store.is_ok()) return fail(log, "opening the state database", store.status());
-  auto images = nm::open_dir_image_store(images_dir);
+  nm::ImageStoreOptions image_opts;
+  image_opts.reserve_bytes = cfg.image_reserve_mib << 20;
+  auto images = nm::open_dir_image_store(images_dir, image_opts);
   if (!images.is_ok()) return fail(log, "opening the image store", images.status());
+  std::vector<std::unique_ptr<nm::ImageSource>> sources;
+  for (const auto& spec : cfg.image_sources) {
+    auto src = nm::open_image_source(spec, "image-source");
+    if (!src.is_ok()) return fail(log, "opening the image sources", src.status());
+    log->info("image source: {}", (*src)->describe());
+    sources.push_back(std::move(src).value());
+  }
 
   // Signals must be blocked before any other thread starts (threads inherit the mask).
   auto loop = nm::SdEventLoop::create();
@@ -123,6 +133,9 @@ int run(const nm::DaemonConfig& cfg) {
   so.orphan_policy = cfg.orphan_policy;
   so.debug_job_delay = std::chrono::milliseconds(cfg.debug_job_delay_ms);
   so.underlay_interface = cfg.underlay_interface;
+  for (const auto& src : sources) so.image_sources.push_back(src.get());
+  so.image_gc_min_age = std::chrono::seconds(cfg.image_gc_min_age_s);
+  so.disk_reserve_bytes = cfg.disk_reserve_mib << 20;
   auto service = nm::make_node_service(
       nm::ServiceDeps{**store, **hypervisor, **images, networks, ev, *workers, clock}, so);
 
@@ -160,6 +173,18 @@ int run(const nm::DaemonConfig& cfg) {
                                [&] { service->audit(); });
       !s.is_ok()) {
     return fail(log, "arming the audit timer", s);
+  }
+  if (cfg.image_gc_interval_s > 0) {
+    if (auto s = ev.add_periodic(std::chrono::seconds(cfg.image_gc_interval_s),
+                                 [&] {
+                                   auto gc = service->collect_images(std::nullopt, false);
+                                   if (!gc.is_ok()) {
+                                     log->warn("image gc: {}", gc.status().to_string());
+                                   }
+                                 });
+        !s.is_ok()) {
+      return fail(log, "arming the image gc timer", s);
+    }
   }
   if (auto s = ev.enable_watchdog(); !s.is_ok()) return fail(log, "enabling the watchdog", s);
 

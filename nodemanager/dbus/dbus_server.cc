@@ -404,19 +404,108 @@ struct DbusServer::Impl {
       int r = sd_bus_message_new_method_return(m, &raw);
       MessagePtr reply(raw);
       if (r < 0) return r;
-      r = sd_bus_message_open_container(reply.get(), 'a', "(sssstts)");
+      r = sd_bus_message_open_container(reply.get(), 'a', "(ssssttstbas)");
       for (size_t i = 0; r >= 0 && i < images.size(); ++i) {
-        const ImageInfo& img = images[i];
+        const ImageInfo& img = images[i].info;
         const std::string ref = img.ref ? img.ref->str() : std::string();
         const std::string tenant = img.tenant ? img.tenant->str() : std::string();
-        r = sd_bus_message_append(reply.get(), "(sssstts)", ref.c_str(), img.digest.str().c_str(),
-                                  std::string(image_kind_name(img.kind)).c_str(),
-                                  std::string(image_format_name(img.format)).c_str(), img.size,
-                                  img.virtual_size, tenant.c_str());
+        const uint64_t last_used = std::max(img.imported_us, img.last_used_us);
+        r = sd_bus_message_open_container(reply.get(), 'r', "ssssttstbas");
+        if (r >= 0) {
+          r = sd_bus_message_append(reply.get(), "ssssttstb", ref.c_str(), img.digest.str().c_str(),
+                                    std::string(image_kind_name(img.kind)).c_str(),
+                                    std::string(image_format_name(img.format)).c_str(), img.size,
+                                    img.virtual_size, tenant.c_str(), last_used,
+                                    static_cast<int>(img.pinned));
+        }
+        if (r >= 0) r = append_strv(reply.get(), images[i].users);
+        if (r >= 0) r = sd_bus_message_close_container(reply.get());
       }
       if (r >= 0) r = sd_bus_message_close_container(reply.get());
       if (r >= 0) r = sd_bus_send(nullptr, reply.get(), nullptr);
       return r;
+    });
+  }
+
+  static int append_strv(sd_bus_message* msg, const std::vector<std::string>& items) {
+    int r = sd_bus_message_open_container(msg, 'a', "s");
+    for (size_t i = 0; r >= 0 && i < items.size(); ++i) {
+      r = sd_bus_message_append(msg, "s", items[i].c_str());
+    }
+    if (r >= 0) r = sd_bus_message_close_container(msg);
+    return r;
+  }
+
+  static int pull_image(sd_bus_message* m, void* ud, sd_bus_error*) noexcept {
+    return guard_method(ud, m, [m](Impl& self) {
+      const char* image = nullptr;
+      const char* request_id = nullptr;
+      const int r = sd_bus_message_read(m, "ss", &image, &request_id);
+      if (r < 0) return r;
+      return self.reply_job(m, self.service.pull_image(image, request_id));
+    });
+  }
+
+  static int pin_image(sd_bus_message* m, void* ud, sd_bus_error*) noexcept {
+    return guard_method(ud, m, [m](Impl& self) {
+      const char* image = nullptr;
+      int pinned = 0;
+      const char* request_id = nullptr;
+      const int r = sd_bus_message_read(m, "sbs", &image, &pinned, &request_id);
+      if (r < 0) return r;
+      const Status s = self.service.pin_image(image, pinned != 0, request_id);
+      if (!s) return self.reply_error(m, s);
+      return sd_bus_reply_method_return(m, "");
+    });
+  }
+
+  static int collect_images(sd_bus_message* m, void* ud, sd_bus_error*) noexcept {
+    return guard_method(ud, m, [m](Impl& self) {
+      int64_t min_age = -1;
+      int dry_run = 0;
+      int r = sd_bus_message_read(m, "xb", &min_age, &dry_run);
+      if (r < 0) return r;
+      std::optional<std::chrono::seconds> age;
+      if (min_age >= 0) age = std::chrono::seconds(min_age);
+      const auto plan = self.service.collect_images(age, dry_run != 0);
+      if (!plan) return self.reply_error(m, plan.status());
+      sd_bus_message* raw = nullptr;
+      r = sd_bus_message_new_method_return(m, &raw);
+      MessagePtr reply(raw);
+      if (r < 0) return r;
+      r = sd_bus_message_open_container(reply.get(), 'a', "(sast)");
+      for (size_t i = 0; r >= 0 && i < plan->remove.size(); ++i) {
+        const GcCandidate& c = plan->remove[i];
+        std::vector<std::string> tags;
+        for (const auto& t : c.tags) tags.push_back(t.str());
+        r = sd_bus_message_open_container(reply.get(), 'r', "sast");
+        if (r >= 0) r = sd_bus_message_append(reply.get(), "s", c.digest.str().c_str());
+        if (r >= 0) r = append_strv(reply.get(), tags);
+        if (r >= 0) r = sd_bus_message_append(reply.get(), "t", c.size);
+        if (r >= 0) r = sd_bus_message_close_container(reply.get());
+      }
+      if (r >= 0) r = sd_bus_message_close_container(reply.get());
+      if (r >= 0) r = sd_bus_message_append(reply.get(), "t", plan->bytes);
+      if (r >= 0) r = sd_bus_send(nullptr, reply.get(), nullptr);
+      return r;
+    });
+  }
+
+  static int verify_images(sd_bus_message* m, void* ud, sd_bus_error*) noexcept {
+    return guard_method(ud, m, [m](Impl& self) {
+      char** raw_images = nullptr;
+      int r = sd_bus_message_read_strv(m, &raw_images);
+      if (r < 0) return r;
+      std::vector<std::string> images;
+      for (char** p = raw_images; p != nullptr && *p != nullptr; ++p) {
+        images.emplace_back(*p);
+        free(*p);  // NOLINT(cppcoreguidelines-no-malloc): sd-bus allocates with malloc
+      }
+      free(raw_images);  // NOLINT(cppcoreguidelines-no-malloc)
+      const char* request_id = nullptr;
+      r = sd_bus_message_read(m, "s", &request_id);
+      if (r < 0) return r;
+      return self.reply_job(m, self.service.verify_images(images, request_id));
     });
   }
 
@@ -591,6 +680,8 @@ struct DbusServer::Impl {
         return sd_bus_message_append(reply, "s", std::string(job_state_name(job->state)).c_str());
       }
       if (p == "Progress") return sd_bus_message_append(reply, "d", job->progress);
+      if (p == "BytesDone") return sd_bus_message_append(reply, "t", job->bytes_done);
+      if (p == "BytesTotal") return sd_bus_message_append(reply, "t", job->bytes_total);
       return -ENOENT;
     });
   }
@@ -647,10 +738,21 @@ Status DbusServer::Impl::register_objects() {
                                    SD_BUS_PARAM(kind) SD_BUS_PARAM(tenant) SD_BUS_PARAM(request_id),
                                "o", SD_BUS_PARAM(job), &Impl::import_image,
                                SD_BUS_VTABLE_UNPRIVILEGED),
-      SD_BUS_METHOD_WITH_NAMES("ListImages", "", "", "a(sssstts)", SD_BUS_PARAM(images),
+      SD_BUS_METHOD_WITH_NAMES("ListImages", "", "", "a(ssssttstbas)", SD_BUS_PARAM(images),
                                &Impl::list_images, SD_BUS_VTABLE_UNPRIVILEGED),
       SD_BUS_METHOD_WITH_NAMES("RemoveImage", "ss", SD_BUS_PARAM(image) SD_BUS_PARAM(request_id),
                                "", "", &Impl::remove_image, SD_BUS_VTABLE_UNPRIVILEGED),
+      SD_BUS_METHOD_WITH_NAMES("PullImage", "ss", SD_BUS_PARAM(image) SD_BUS_PARAM(request_id), "o",
+                               SD_BUS_PARAM(job), &Impl::pull_image, SD_BUS_VTABLE_UNPRIVILEGED),
+      SD_BUS_METHOD_WITH_NAMES("PinImage", "sbs",
+                               SD_BUS_PARAM(image) SD_BUS_PARAM(pinned) SD_BUS_PARAM(request_id),
+                               "", "", &Impl::pin_image, SD_BUS_VTABLE_UNPRIVILEGED),
+      SD_BUS_METHOD_WITH_NAMES("CollectImages", "xb", SD_BUS_PARAM(min_age) SD_BUS_PARAM(dry_run),
+                               "a(sast)t", SD_BUS_PARAM(removed) SD_BUS_PARAM(bytes),
+                               &Impl::collect_images, SD_BUS_VTABLE_UNPRIVILEGED),
+      SD_BUS_METHOD_WITH_NAMES("VerifyImages", "ass", SD_BUS_PARAM(images) SD_BUS_PARAM(request_id),
+                               "o", SD_BUS_PARAM(job), &Impl::verify_images,
+                               SD_BUS_VTABLE_UNPRIVILEGED),
       SD_BUS_METHOD_WITH_NAMES(
           "CreateNetwork", "ss", SD_BUS_PARAM(spec_json) SD_BUS_PARAM(request_id), "o",
           SD_BUS_PARAM(job), &Impl::create_network, SD_BUS_VTABLE_UNPRIVILEGED),
@@ -706,6 +808,8 @@ Status DbusServer::Impl::register_objects() {
       SD_BUS_PROPERTY("ObjectId", "s", &Impl::job_property, 0, kConst),
       SD_BUS_PROPERTY("State", "s", &Impl::job_property, 0, kEmits),
       SD_BUS_PROPERTY("Progress", "d", &Impl::job_property, 0, kEmits),
+      SD_BUS_PROPERTY("BytesDone", "t", &Impl::job_property, 0, kEmits),
+      SD_BUS_PROPERTY("BytesTotal", "t", &Impl::job_property, 0, kEmits),
       SD_BUS_VTABLE_END,
   };
 
@@ -822,10 +926,10 @@ void DbusServer::on_job_added(const JobView& job) {
 void DbusServer::on_job_changed(const JobView& job) {
   impl_->guard_observer("on_job_changed", [=, this] {
     const std::string path = job_object_path(job.id);
-    impl_->warn_if_failed(
-        sd_bus_emit_properties_changed(impl_->bus.get(), path.c_str(), kJobInterface.data(),
-                                       "State", "Progress", static_cast<char*>(nullptr)),
-        "PropertiesChanged", path);
+    impl_->warn_if_failed(sd_bus_emit_properties_changed(
+                              impl_->bus.get(), path.c_str(), kJobInterface.data(), "State",
+                              "Progress", "BytesDone", "BytesTotal", static_cast<char*>(nullptr)),
+                          "PropertiesChanged", path);
   });
 }
 

@@ -8,7 +8,9 @@
 #include <mutex>
 #include <nlohmann/json.hpp>
 #include <set>
+#include <unordered_set>
 
+#include "nm/core/fs.h"
 #include "nm/core/log.h"
 #include "nm/domain_xml.h"
 #include "nm/network/names.h"
@@ -38,7 +40,8 @@ std::string vm_record_to_json(const VmRecord& vm, const std::vector<PortRecord>&
       {"deleting", vm.deleting},
       {"generation", vm.generation},
       {"observed_generation", vm.observed_generation},
-      {"image_digest", vm.image_digest.str()},
+      // "" while the create job is still pulling the image (all-zero digest in the record)
+      {"image_digest", vm.image_digest == VmRecord{}.image_digest ? "" : vm.image_digest.str()},
       {"created_us", vm.created_us},
       {"updated_us", vm.updated_us},
   };
@@ -88,6 +91,13 @@ std::string network_record_to_json(const NetworkRecord& n, const std::vector<Por
 namespace {
 
 constexpr uint64_t kGiB = 1ull << 30;
+
+// A VM's image digest before its create job pulled the image (the spec's tag was not cached):
+// the record's default, all zeros.
+bool is_pending(const Digest& d) {
+  static const Digest kPending = VmRecord{}.image_digest;
+  return d == kPending;
+}
 
 std::string observed_state(DomainState s) {
   switch (s) {
@@ -215,7 +225,8 @@ class NodeServiceImpl final : public NodeService {
     NM_ASSIGN_OR_RETURN(auto unfinished, d_.store.unfinished_jobs());
     for (auto& j : unfinished) {
       std::string key = j.object_id;
-      if (j.kind == "import") key = "image:" + j.object_id;
+      if (j.kind == "import" || j.kind == "pull") key = "image:" + j.object_id;
+      if (j.kind == "verify") key = "images-verify";
       if (j.kind.rfind("network-", 0) == 0) key = network_key(j.object_id);
       interrupted_[key].push_back(std::move(j));
     }
@@ -244,29 +255,28 @@ class NodeServiceImpl final : public NodeService {
     if (spec.id && vms_.count(spec.id->str())) {
       return already_exists("spec.id: a VM with id '" + spec.id->str() + "' already exists");
     }
-    NM_ASSIGN_OR_RETURN(ImageInfo disk,
-                        resolve_image(spec.image, spec.tenant, ImageKind::kDisk, "spec.image"));
+    // Images not cached yet are pulled by the create job (pending digests until then).
     VmRecord vm;
+    NM_ASSIGN_OR_RETURN(
+        auto disk, resolve_or_pending(spec.image, spec.tenant, ImageKind::kDisk, "spec.image"));
+    if (disk) vm.image_digest = disk->digest;
     if (spec.kernel_image) {
-      NM_ASSIGN_OR_RETURN(ImageInfo k, resolve_image(*spec.kernel_image, spec.tenant,
+      NM_ASSIGN_OR_RETURN(auto k, resolve_or_pending(*spec.kernel_image, spec.tenant,
                                                      ImageKind::kKernel, "spec.kernel_image"));
-      vm.kernel_digest = k.digest;
+      vm.kernel_digest = k ? k->digest : VmRecord{}.image_digest;
     }
     if (spec.initrd_image) {
-      NM_ASSIGN_OR_RETURN(ImageInfo i, resolve_image(*spec.initrd_image, spec.tenant,
+      NM_ASSIGN_OR_RETURN(auto i, resolve_or_pending(*spec.initrd_image, spec.tenant,
                                                      ImageKind::kInitrd, "spec.initrd_image"));
-      vm.initrd_digest = i.digest;
+      vm.initrd_digest = i ? i->digest : VmRecord{}.image_digest;
     }
-    if (spec.disk_gib != 0 && spec.disk_gib * kGiB < disk.virtual_size) {
-      return invalid_argument("spec.disk_gib: must be at least the image's virtual size (" +
-                              std::to_string((disk.virtual_size + kGiB - 1) / kGiB) + " GiB)");
-    }
+    if (disk) NM_RETURN_IF_ERROR(check_disk_size(spec, *disk));
+    NM_RETURN_IF_ERROR(admit_disk());
 
     vm.id = spec.id ? *spec.id : generate_vm_id();
     NM_ASSIGN_OR_RETURN(std::vector<PortRecord> ports, allocate_ports(vm.id, spec));
     vm.spec = std::move(spec);
     vm.spec.id = vm.id;
-    vm.image_digest = disk.digest;
     vm.power = PowerIntent::kStopped;
     vm.generation = 1;
     vm.observed_generation = 0;
@@ -462,24 +472,36 @@ class NodeServiceImpl final : public NodeService {
     return job_id;
   }
 
-  std::vector<ImageInfo> list_images() const override { return d_.images.list(); }
+  std::vector<ImageEntry> list_images() const override {
+    const auto users = image_users();
+    std::vector<ImageEntry> tagged;
+    std::vector<ImageEntry> untagged;
+    for (const BlobInfo& blob : d_.images.list_blobs()) {
+      auto u = users.find(blob.info.digest.str());
+      const std::vector<std::string> names =
+          u == users.end() ? std::vector<std::string>{} : u->second;
+      if (blob.tags.empty()) untagged.push_back({blob.info, names});
+      for (const ImageRef& tag : blob.tags) {
+        ImageEntry e{blob.info, names};
+        e.info.ref = tag;
+        tagged.push_back(std::move(e));
+      }
+    }
+    std::sort(tagged.begin(), tagged.end(),
+              [](const ImageEntry& a, const ImageEntry& b) { return *a.info.ref < *b.info.ref; });
+    tagged.insert(tagged.end(), untagged.begin(), untagged.end());
+    return tagged;
+  }
 
   Status remove_image(std::string_view image, std::string_view request_id) override {
     NM_ASSIGN_OR_RETURN(auto rid, parse_request_id(request_id));
     NM_ASSIGN_OR_RETURN(auto replayed, replay(rid, "RemoveImage", std::string(image)));
     if (replayed) return Status::ok();
     NM_ASSIGN_OR_RETURN(ImageInfo info, d_.images.resolve(image));
-    std::vector<std::string> users;
-    for (const auto& [id, vm] : vms_) {
-      if (vm.image_digest == info.digest || vm.kernel_digest == info.digest ||
-          vm.initrd_digest == info.digest) {
-        users.push_back("'" + vm.spec.name.str() + "'");
-      }
-    }
-    if (!users.empty()) {
-      std::string list;
-      for (const auto& u : users) list += (list.empty() ? "" : ", ") + u;
-      return conflict("image '" + std::string(image) + "' is in use by VMs " + list);
+    const auto users = image_users();
+    if (auto u = users.find(info.digest.str()); u != users.end()) {
+      return conflict("image '" + std::string(image) + "' is in use by VMs " +
+                      quoted_list(u->second));
     }
     NM_RETURN_IF_ERROR(d_.images.remove(image));
     std::vector<EventRecord> events;
@@ -493,6 +515,159 @@ class NodeServiceImpl final : public NodeService {
         events));
     publish(events);
     return Status::ok();
+  }
+
+  Result<uint32_t> pull_image(std::string_view image, std::string_view request_id) override {
+    NM_ASSIGN_OR_RETURN(auto rid, parse_request_id(request_id));
+    NM_ASSIGN_OR_RETURN(ImageRef ref, ImageRef::parse(image, "image"));
+    if (opt_.image_sources.empty()) {
+      return unavailable("image-source: no shared image store is configured on this node");
+    }
+    NM_ASSIGN_OR_RETURN(auto replayed, replay(rid, "PullImage", ref.str()));
+    if (replayed) return replayed->at("job_id").get<uint32_t>();
+    uint32_t job_id = 0;
+    std::vector<EventRecord> events;
+    NM_RETURN_IF_ERROR(commit(
+        [&](StateTxn& txn) -> Status {
+          NM_ASSIGN_OR_RETURN(job_id, client_job(txn, "pull", ref.str()));
+          return put_reply(txn, rid, "PullImage", ref.str(), {{"job_id", job_id}});
+        },
+        events));
+    auto job = std::make_unique<Job>();
+    job->view = {job_id, "pull", ref.str(), JobState::kQueued, 0.0};
+    job->key = "image:" + ref.str();
+    auto outcome = std::make_shared<std::optional<PullResult>>();
+    job->work = [this, ref, job_id, outcome](JobContext& ctx) -> Status {
+      NM_ASSIGN_OR_RETURN(
+          *outcome, d_.images.pull(ref, opt_.image_sources, byte_progress(job_id), &ctx.cancelled));
+      return Status::ok();
+    };
+    job->finish = [this, ref, holder = outcome](const Status& s, bool) {
+      if (!s.is_ok() || !*holder) return;
+      record_pulled(ref.str(), **holder);
+    };
+    job->revert = [] {};
+    enqueue(std::move(job));
+    return job_id;
+  }
+
+  Status pin_image(std::string_view image, bool pinned, std::string_view request_id) override {
+    NM_ASSIGN_OR_RETURN(auto rid, parse_request_id(request_id));
+    const std::string fingerprint = std::string(image) + (pinned ? "\npin" : "\nunpin");
+    NM_ASSIGN_OR_RETURN(auto replayed, replay(rid, "PinImage", fingerprint));
+    if (replayed) return Status::ok();
+    NM_ASSIGN_OR_RETURN(ImageInfo info, d_.images.resolve(image));
+    NM_RETURN_IF_ERROR(d_.images.set_pinned(info.digest, pinned));
+    std::vector<EventRecord> events;
+    NM_RETURN_IF_ERROR(commit(
+        [&](StateTxn& txn) -> Status {
+          NM_RETURN_IF_ERROR(put_reply(txn, rid, "PinImage", fingerprint, json::object()));
+          return append(
+              txn, "ImagePinned", info.digest.str(),
+              json{
+                  {"image", std::string(image)}, {"digest", info.digest.str()}, {"pinned", pinned}},
+              events);
+        },
+        events));
+    publish(events);
+    return Status::ok();
+  }
+
+  Result<GcPlan> collect_images(std::optional<std::chrono::seconds> min_age,
+                                bool dry_run) override {
+    const auto age = min_age.value_or(opt_.image_gc_min_age);
+    if (age.count() < 0) return invalid_argument("min_age: must not be negative");
+    std::unordered_set<std::string> in_use;
+    for (const auto& [digest, users] : image_users()) in_use.insert(digest);
+    for (const auto& d : leased_digests()) in_use.insert(d);
+    const GcPlan plan = plan_image_gc(d_.images.list_blobs(), in_use, d_.clock.now_realtime_us(),
+                                      static_cast<uint64_t>(age.count()) * 1000000);
+    if (dry_run) return plan;
+    GcPlan done;
+    for (const GcCandidate& c : plan.remove) {
+      if (Status s = d_.images.remove_blob(c.digest); !s.is_ok()) {
+        log_->warn("image gc: removing '{}': {}", c.digest.str(), s.to_string());
+        continue;
+      }
+      json tags = json::array();
+      for (const auto& t : c.tags) tags.push_back(t.str());
+      record_image_event("ImageCollected", c.digest.str(),
+                         json{{"digest", c.digest.str()}, {"tags", tags}, {"size", c.size}});
+      log_->info("image gc: removed '{}' ({} bytes, tags {})", c.digest.str(), c.size, tags.dump());
+      done.bytes += c.size;
+      done.remove.push_back(c);
+    }
+    return done;
+  }
+
+  Result<uint32_t> verify_images(const std::vector<std::string>& images,
+                                 std::string_view request_id) override {
+    NM_ASSIGN_OR_RETURN(auto rid, parse_request_id(request_id));
+    std::vector<Digest> digests;
+    std::string fingerprint;
+    for (const auto& image : images) {
+      NM_ASSIGN_OR_RETURN(ImageInfo info, d_.images.resolve(image));
+      digests.push_back(info.digest);
+      fingerprint += image + "\n";
+    }
+    NM_ASSIGN_OR_RETURN(auto replayed, replay(rid, "VerifyImages", fingerprint));
+    if (replayed) return replayed->at("job_id").get<uint32_t>();
+    if (images.empty()) {
+      for (const BlobInfo& b : d_.images.list_blobs()) digests.push_back(b.info.digest);
+    }
+    uint32_t job_id = 0;
+    std::vector<EventRecord> events;
+    NM_RETURN_IF_ERROR(commit(
+        [&](StateTxn& txn) -> Status {
+          NM_ASSIGN_OR_RETURN(job_id, client_job(txn, "verify", "images"));
+          return put_reply(txn, rid, "VerifyImages", fingerprint, {{"job_id", job_id}});
+        },
+        events));
+    auto job = std::make_unique<Job>();
+    job->view = {job_id, "verify", "images", JobState::kQueued, 0.0};
+    job->key = "images-verify";
+    auto results = std::make_shared<std::vector<VerifyResult>>();
+    job->work = [this, digests, job_id, results](JobContext& ctx) -> Status {
+      uint64_t total = 0;
+      for (const auto& d : digests) {
+        if (auto info = d_.images.resolve(d.str()); info.is_ok()) total += info->size;
+      }
+      uint64_t before = 0;
+      const ProgressFn progress = byte_progress(job_id);
+      for (const auto& d : digests) {
+        auto r = d_.images.verify(
+            d, [&](uint64_t done, uint64_t) { progress(before + done, total); }, &ctx.cancelled);
+        if (ctx.cancelled) return cancelled_status();
+        if (!r.is_ok()) {
+          if (r.status().code() == Code::kNotFound) continue;  // removed meanwhile
+          return r.status();
+        }
+        if (auto info = d_.images.resolve(d.str()); info.is_ok()) before += info->size;
+        results->push_back(std::move(r).value());
+      }
+      std::string bad;
+      for (const auto& r : *results) {
+        if (!r.ok) bad += (bad.empty() ? "" : "; ") + r.digest.str() + ": " + r.problem;
+      }
+      if (!bad.empty()) return internal_error("corrupt images: " + bad);
+      return Status::ok();
+    };
+    job->finish = [this, results, job_id](const Status&, bool) {
+      size_t corrupt = 0;
+      for (const auto& r : *results) {
+        if (r.ok) continue;
+        ++corrupt;
+        log_->error("image '{}' is corrupt: {}", r.digest.str(), r.problem);
+        record_image_event("ImageCorrupt", r.digest.str(),
+                           json{{"digest", r.digest.str()}, {"problem", r.problem}});
+      }
+      record_image_event(
+          "ImageVerified", "images",
+          json{{"job_id", job_id}, {"checked", results->size()}, {"corrupt", corrupt}});
+    };
+    job->revert = [] {};
+    enqueue(std::move(job));
+    return job_id;
   }
 
   // ---------------------------------------------------------------- networks
@@ -759,6 +934,123 @@ class NodeServiceImpl final : public NodeService {
     return std::nullopt;
   }
 
+  // Digest -> names of the VMs whose disk, kernel or initrd it is, from the database's records.
+  // A VM whose image is still being pulled counts for the blob its tag names locally.
+  std::map<std::string, std::vector<std::string>> image_users() const {
+    std::map<std::string, std::vector<std::string>> users;
+    auto add = [&](const Digest& d, const std::string& ref, const VmRecord& vm) {
+      std::string digest = d.str();
+      if (is_pending(d)) {
+        auto local = d_.images.resolve(ref);
+        if (!local.is_ok()) return;
+        digest = local->digest.str();
+      }
+      auto& names = users[digest];
+      if (names.empty() || names.back() != vm.spec.name.str()) names.push_back(vm.spec.name.str());
+    };
+    for (const auto& [id, vm] : vms_) {
+      add(vm.image_digest, vm.spec.image, vm);
+      if (vm.kernel_digest) add(*vm.kernel_digest, vm.spec.kernel_image.value_or(""), vm);
+      if (vm.initrd_digest) add(*vm.initrd_digest, vm.spec.initrd_image.value_or(""), vm);
+    }
+    return users;
+  }
+
+  // Digests that jobs on workers hold right now (a create between its pull and its record).
+  std::vector<std::string> leased_digests() const {
+    std::lock_guard lock(lease_mu_);
+    std::vector<std::string> out;
+    for (const auto& [d, n] : leases_) out.push_back(d);
+    return out;
+  }
+  struct Lease {
+    NodeServiceImpl* self = nullptr;
+    std::string digest;
+    Lease(NodeServiceImpl* s, std::string d) : self(s), digest(std::move(d)) {
+      std::lock_guard lock(self->lease_mu_);
+      ++self->leases_[digest];
+    }
+    Lease(const Lease&) = delete;
+    Lease& operator=(const Lease&) = delete;
+    ~Lease() {
+      std::lock_guard lock(self->lease_mu_);
+      if (--self->leases_[digest] == 0) self->leases_.erase(digest);
+    }
+  };
+
+  static std::string quoted_list(const std::vector<std::string>& names) {
+    std::string list;
+    for (const auto& n : names) list += (list.empty() ? "'" : ", '") + n + "'";
+    return list;
+  }
+
+  // A ProgressFn for worker threads that posts byte progress of job `id` to the loop, at most
+  // about once per percent.
+  ProgressFn byte_progress(uint32_t id) {
+    auto last = std::make_shared<uint64_t>(0);
+    return [this, id, last, alive = alive_](uint64_t done, uint64_t total) {
+      const uint64_t step = total / 100 + 1;
+      if (done < total && done - std::min(done, *last) < step) return;
+      *last = done;
+      d_.loop.post([this, id, done, total, alive] {
+        if (*alive) set_bytes(id, done, total);
+      });
+    };
+  }
+
+  void record_pulled(const std::string& ref, const PullResult& r) {
+    record_image_event("ImagePulled", r.info.digest.str(),
+                       json{{"image", ref},
+                            {"digest", r.info.digest.str()},
+                            {"source", r.source},
+                            {"transferred", r.transferred},
+                            {"bytes", r.info.size}});
+  }
+
+  void record_image_event(const std::string& kind, const std::string& object, const json& payload) {
+    std::vector<EventRecord> evs;
+    const Status c =
+        commit([&](StateTxn& txn) { return append(txn, kind, object, payload, evs); }, evs);
+    if (!c.is_ok()) log_->error("recording {} of '{}': {}", kind, object, c.to_string());
+    publish(evs);
+  }
+
+  // resolve_image(), or nullopt when `ref` is a name:tag that is not cached but may be pulled
+  // from the configured sources.
+  Result<std::optional<ImageInfo>> resolve_or_pending(const std::string& ref,
+                                                      const TenantId& tenant, ImageKind kind,
+                                                      const std::string& field) const {
+    auto info = resolve_image(ref, tenant, kind, field);
+    if (info.is_ok()) return std::optional<ImageInfo>(std::move(info).value());
+    if (info.status().code() != Code::kNotFound || opt_.image_sources.empty() ||
+        ref.starts_with("sha256:") || d_.images.resolve(ref).status().code() != Code::kNotFound) {
+      return info.status();
+    }
+    return {std::nullopt};
+  }
+
+  static Status check_disk_size(const VmSpec& spec, const ImageInfo& disk) {
+    if (spec.disk_gib != 0 && spec.disk_gib * kGiB < disk.virtual_size) {
+      return invalid_argument("spec.disk_gib: must be at least the image's virtual size (" +
+                              std::to_string((disk.virtual_size + kGiB - 1) / kGiB) + " GiB)");
+    }
+    return Status::ok();
+  }
+
+  // VM disks are thin overlays that grow into the instances filesystem: a new one is admitted
+  // while that filesystem has more than the configured reserve free.
+  Status admit_disk() const {
+    if (opt_.disk_reserve_bytes == 0 || opt_.instances_dir.empty()) return Status::ok();
+    NM_ASSIGN_OR_RETURN(FsSpace space, filesystem_space(opt_.instances_dir));
+    if (space.available_bytes < opt_.disk_reserve_bytes) {
+      return {Code::kInsufficientCapacity,
+              "disk: the instances filesystem has " + std::to_string(space.available_bytes >> 20) +
+                  " MiB free, less than the reserve of " +
+                  std::to_string(opt_.disk_reserve_bytes >> 20) + " MiB (disk-reserve-mib)"};
+    }
+    return Status::ok();
+  }
+
   Result<ImageInfo> resolve_image(const std::string& ref, const TenantId& tenant, ImageKind kind,
                                   const std::string& field) const {
     auto info = d_.images.resolve(ref);
@@ -842,10 +1134,10 @@ class NodeServiceImpl final : public NodeService {
       for (const auto& j : jobs) {
         auto job = std::make_shared<Job>();
         job->view = {static_cast<uint32_t>(j.id), j.kind, j.object_id, JobState::kRunning, 0.0};
-        const bool import = j.kind == "import";
+        const bool import = j.kind == "import" || j.kind == "pull" || j.kind == "verify";
         const JobOutcome outcome =
             import ? JobOutcome{"failed", unavailable("interrupted by a restart of nodemanagerd; "
-                                                      "import the image again")}
+                                                      "send the request again")}
                    : JobOutcome{"done", Status::ok()};
         log_->info("job {} ({} {}) was interrupted by a restart: {}", j.id, j.kind, j.object_id,
                    import ? "failed" : "nothing left to do");
@@ -1011,6 +1303,21 @@ class NodeServiceImpl final : public NodeService {
     });
   }
 
+  // Digests a worker resolved for a VM's pending images (pulled, or found cached), for the job's
+  // finish to record; `failed` when an image could not be pulled or does not fit the spec.
+  struct ResolvedImages {
+    std::optional<Digest> image;
+    std::optional<Digest> kernel;
+    std::optional<Digest> initrd;
+    bool failed = false;
+    std::vector<std::pair<std::string, PullResult>> pulls;  // (ref, result) this job pulled
+  };
+  static void apply_resolved(VmRecord& vm, const ResolvedImages& r) {
+    if (r.image && is_pending(vm.image_digest)) vm.image_digest = *r.image;
+    if (r.kernel && vm.kernel_digest && is_pending(*vm.kernel_digest)) vm.kernel_digest = r.kernel;
+    if (r.initrd && vm.initrd_digest && is_pending(*vm.initrd_digest)) vm.initrd_digest = r.initrd;
+  }
+
   // Inputs a worker needs to (re-)define a VM's domain, captured on the loop thread.
   struct DefineInput {
     VmId id;
@@ -1020,15 +1327,47 @@ class NodeServiceImpl final : public NodeService {
     std::optional<Digest> kernel;
     std::optional<Digest> initrd;
     std::vector<std::pair<network::NetworkSpec, PortRecord>> ports;
+    uint32_t job_id = 0;  // for the byte progress of a pull
+    std::shared_ptr<ResolvedImages> resolved = std::make_shared<ResolvedImages>();
   };
-  DefineInput define_input(const VmRecord& vm) const {
+  DefineInput define_input(const VmRecord& vm, uint32_t job_id) const {
     return {vm.id,
             vm.spec,
             vm.generation,
             vm.image_digest,
             vm.kernel_digest,
             vm.initrd_digest,
-            port_networks(vm.id)};
+            port_networks(vm.id),
+            job_id};
+  }
+
+  // Worker side: the cached image a VM's digest (or, while pending, its spec's `ref`) names,
+  // pulled from the sources first when it is not cached. Holds a lease on it in `leases`.
+  Result<ImageInfo> image_for(const Digest& digest, const std::string& ref, const DefineInput& in,
+                              ImageKind kind, const std::string& field, JobContext& ctx,
+                              std::optional<Digest>& out,
+                              std::vector<std::unique_ptr<Lease>>& leases) {
+    if (!is_pending(digest)) return d_.images.resolve(digest.str());
+    auto local = resolve_image(ref, in.spec.tenant, kind, field);
+    if (!local.is_ok() && local.status().code() == Code::kNotFound && !opt_.image_sources.empty() &&
+        !ref.starts_with("sha256:")) {
+      NM_ASSIGN_OR_RETURN(ImageRef r, ImageRef::parse(ref, field));
+      auto pulled = d_.images.pull(r, opt_.image_sources, byte_progress(in.job_id), &ctx.cancelled);
+      if (!pulled.is_ok()) {
+        in.resolved->failed = !ctx.cancelled;
+        return pulled.status().with_context(field + ": pulling image '" + ref + "'");
+      }
+      leases.push_back(std::make_unique<Lease>(this, pulled->info.digest.str()));
+      in.resolved->pulls.emplace_back(ref, *pulled);
+      local = resolve_image(ref, in.spec.tenant, kind, field);
+    }
+    if (!local.is_ok()) {
+      in.resolved->failed = true;
+      return local.status();
+    }
+    leases.push_back(std::make_unique<Lease>(this, local->digest.str()));
+    out = local->digest;
+    return local;
   }
 
   // Worker side: makes sure the VM's overlay and domain exist. With `fresh_disk`, a leftover
@@ -1040,10 +1379,36 @@ class NodeServiceImpl final : public NodeService {
       return already_exists("spec.id: libvirt already has a domain '" + existing->name +
                             "' with id '" + in.id.str() + "' that nodemanager does not manage");
     }
+    // An existing domain only needs the images a crash left pending; a new one needs them all.
+    const bool keep = existing && !fresh_disk;
+    std::vector<std::unique_ptr<Lease>> leases;
+    ResolvedImages& resolved = *in.resolved;
+    std::optional<ImageInfo> base;
+    std::optional<ImageInfo> kernel;
+    std::optional<ImageInfo> initrd;
+    if (!keep || is_pending(in.image)) {
+      NM_ASSIGN_OR_RETURN(base, image_for(in.image, in.spec.image, in, ImageKind::kDisk,
+                                          "spec.image", ctx, resolved.image, leases));
+      if (resolved.image) {
+        if (Status s = check_disk_size(in.spec, *base); !s.is_ok()) {
+          resolved.failed = true;
+          return s;
+        }
+      }
+    }
+    if (in.kernel && (!keep || is_pending(*in.kernel))) {
+      NM_ASSIGN_OR_RETURN(
+          kernel, image_for(*in.kernel, in.spec.kernel_image.value_or(""), in, ImageKind::kKernel,
+                            "spec.kernel_image", ctx, resolved.kernel, leases));
+    }
+    if (in.initrd && (!keep || is_pending(*in.initrd))) {
+      NM_ASSIGN_OR_RETURN(
+          initrd, image_for(*in.initrd, in.spec.initrd_image.value_or(""), in, ImageKind::kInitrd,
+                            "spec.initrd_image", ctx, resolved.initrd, leases));
+    }
     // The port's rules and lease exist before the domain can send its first frame.
     NM_RETURN_IF_ERROR(attach_ports(in.ports));
-    if (existing && !fresh_disk) return Status::ok();
-    NM_ASSIGN_OR_RETURN(ImageInfo base, d_.images.resolve(in.image.str()));
+    if (keep) return Status::ok();
     DomainXmlInput x;
     x.id = in.id;
     x.spec = in.spec;
@@ -1053,24 +1418,22 @@ class NodeServiceImpl final : public NodeService {
     for (const auto& [net, port] : in.ports) {
       x.interfaces.push_back({port.mac.str(), network::bridge_name(net.vni), port.ifname});
     }
-    if (in.kernel) {
-      NM_ASSIGN_OR_RETURN(ImageInfo k, d_.images.resolve(in.kernel->str()));
-      x.kernel_path = k.path;
-    }
-    if (in.initrd) {
-      NM_ASSIGN_OR_RETURN(ImageInfo i, d_.images.resolve(in.initrd->str()));
-      x.initrd_path = i.path;
-    }
+    if (kernel) x.kernel_path = kernel->path;
+    if (initrd) x.initrd_path = initrd->path;
     std::optional<std::string> overlay;
     if (!fresh_disk) {
       NM_ASSIGN_OR_RETURN(overlay, hv.find_overlay(in.id));
     }
     if (!overlay) {
-      const uint64_t capacity = in.spec.disk_gib ? in.spec.disk_gib * kGiB : base.virtual_size;
-      NM_ASSIGN_OR_RETURN(std::string path,
-                          hv.create_overlay(in.id, base.path,
-                                            std::string(image_format_name(base.format)), capacity));
+      const uint64_t capacity = in.spec.disk_gib ? in.spec.disk_gib * kGiB : base->virtual_size;
+      NM_ASSIGN_OR_RETURN(
+          std::string path,
+          hv.create_overlay(in.id, base->path, std::string(image_format_name(base->format)),
+                            capacity));
       overlay = path;
+      if (Status t = d_.images.touch(base->digest); !t.is_ok()) {
+        log_->warn("recording the use of image '{}': {}", base->digest.str(), t.to_string());
+      }
     }
     if (!ctx.pause(opt_.debug_job_delay)) return cancelled_status();
     x.disk_path = *overlay;
@@ -1093,21 +1456,25 @@ class NodeServiceImpl final : public NodeService {
   // create (fresh overlay) or define (reconciler: the domain vanished; keep the disk).
   std::unique_ptr<Job> make_define_job(uint32_t id, const VmRecord& vm, bool fresh_disk) {
     auto job = new_vm_job(id, vm, fresh_disk ? "create" : "define");
-    const DefineInput in = define_input(vm);
+    const DefineInput in = define_input(vm, id);
     job->work = [this, in, fresh_disk](JobContext& ctx) {
       return ensure_defined(in, fresh_disk, ctx);
     };
     const VmId vm_id = vm.id;
     const uint64_t gen = vm.generation;
-    job->finish = [this, vm_id, gen, fresh_disk](const Status& s, bool cancelled) {
+    job->finish = [this, vm_id, gen, fresh_disk, resolved = in.resolved](const Status& s,
+                                                                         bool cancelled) {
+      for (const auto& [ref, pulled] : resolved->pulls) record_pulled(ref, pulled);
       with_vm(vm_id, [&](VmRecord& v) {
         if (s.is_ok()) {
           record_state(v, v.power == PowerIntent::kRunning ? v.state : "stopped",
                        fresh_disk ? "created" : "domain re-defined", [&](VmRecord& n) {
                          n.observed_generation = std::max(n.observed_generation, gen);
+                         apply_resolved(n, *resolved);
                        });
-        } else if (cancelled && fresh_disk) {
-          undo_create(v);
+        } else if (fresh_disk && (cancelled || resolved->failed)) {
+          // A create whose image could not be pulled changes nothing: the VM goes again.
+          undo_create(v, cancelled ? "create cancelled" : s.message());
         } else {
           record_state(v, "error", s.message());
         }
@@ -1119,9 +1486,9 @@ class NodeServiceImpl final : public NodeService {
     return job;
   }
 
-  // A cancelled create leaves nothing half-made: the VM is deleted again.
-  void undo_create(VmRecord& vm) {
-    record_state(vm, "deleting", "create cancelled", [](VmRecord& n) {
+  // A cancelled or failed create leaves nothing half-made: the VM is deleted again.
+  void undo_create(VmRecord& vm, std::string reason = "create cancelled") {
+    record_state(vm, "deleting", std::move(reason), [](VmRecord& n) {
       n.deleting = true;
       n.generation += 1;
     });
@@ -1130,7 +1497,7 @@ class NodeServiceImpl final : public NodeService {
 
   std::unique_ptr<Job> make_start_job(uint32_t id, const VmRecord& vm, std::string reason) {
     auto job = new_vm_job(id, vm, "start");
-    const DefineInput in = define_input(vm);
+    const DefineInput in = define_input(vm, id);
     job->work = [this, in](JobContext& ctx) -> Status {
       NM_RETURN_IF_ERROR(ensure_defined(in, false, ctx));
       if (ctx.cancelled) return cancelled_status();
@@ -1138,12 +1505,15 @@ class NodeServiceImpl final : public NodeService {
     };
     const VmId vm_id = vm.id;
     const uint64_t gen = vm.generation;
-    job->finish = [this, vm_id, id, gen, reason](const Status& s, bool cancelled) {
+    job->finish = [this, vm_id, id, gen, reason, resolved = in.resolved](const Status& s,
+                                                                         bool cancelled) {
+      for (const auto& [ref, pulled] : resolved->pulls) record_pulled(ref, pulled);
       if (cancelled && !s.is_ok()) return revert_power(vm_id, id);
       with_vm(vm_id, [&](VmRecord& v) {
         if (s.is_ok()) {
           record_state(v, "running", reason, [&](VmRecord& n) {
             n.observed_generation = std::max(n.observed_generation, gen);
+            apply_resolved(n, *resolved);
           });
         } else {
           record_state(v, "error", "start failed: " + s.message());
@@ -1420,12 +1790,20 @@ class NodeServiceImpl final : public NodeService {
         });
   }
 
-  void set_progress(uint32_t id, double p) {
+  void set_bytes(uint32_t id, uint64_t done, uint64_t total) {
+    auto it = jobs_.find(id);
+    if (it == jobs_.end()) return;
+    it->second->view.bytes_done = done;
+    it->second->view.bytes_total = total;
+    set_progress(id, total ? static_cast<double>(done) / static_cast<double>(total) : 0.0, true);
+  }
+
+  void set_progress(uint32_t id, double p, bool force_post = false) {
     auto it = jobs_.find(id);
     if (it == jobs_.end()) return;
     Job& job = *it->second;
     job.view.progress = p;
-    if (p - job.last_progress_posted >= 0.01 || p >= 1.0) {
+    if (force_post || p - job.last_progress_posted >= 0.01 || p >= 1.0) {
       job.last_progress_posted = p;
       if (observer_) observer_->on_job_changed(job.view);
     }
@@ -1897,6 +2275,10 @@ class NodeServiceImpl final : public NodeService {
   // Failed repairs of the last reconcile ("object\nwhat"), so a persisting failure is reported
   // once.
   std::set<std::string> failing_;
+
+  // Image digests held by jobs on workers (Lease), so GC leaves them alone.
+  mutable std::mutex lease_mu_;
+  std::map<std::string, int> leases_;
 };
 
 }  // namespace

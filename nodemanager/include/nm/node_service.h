@@ -21,6 +21,7 @@
 #include "nm/core/status.h"
 #include "nm/executor.h"
 #include "nm/hypervisor.h"
+#include "nm/imagestore/image_source.h"
 #include "nm/imagestore/image_store.h"
 #include "nm/state_store.h"
 
@@ -42,6 +43,15 @@ struct ServiceOptions {
   // The underlay interface VXLAN runs on (--underlay-interface). Empty: networks are host-local
   // and CreateNetwork refuses peers.
   std::string underlay_interface;
+  // Shared image stores pull() tries in order (PullImage, and CreateVm of an image not cached);
+  // owned by the caller, used from worker threads. Empty: only imported images exist.
+  std::vector<ImageSource*> image_sources;
+  // GC of images nothing uses (CollectImages and the daemon's periodic run): the default least
+  // time since an image's last use. Default one day.
+  std::chrono::seconds image_gc_min_age{86400};
+  // CreateVm is refused (InsufficientCapacity) while the filesystem of instances_dir has less
+  // than this free: VM disks are thin overlays that grow into it. Default 1 GiB.
+  uint64_t disk_reserve_bytes = uint64_t{1} << 30;
   // Testing aid: each job sleeps this long between its steps (interruptible by Cancel), to widen
   // crash windows in tests. Default 0; never set in production.
   std::chrono::milliseconds debug_job_delay{0};
@@ -55,10 +65,21 @@ std::string_view job_state_name(JobState s);  // "queued", "running"
 
 struct JobView {
   uint32_t id = 0;
-  std::string kind;       // "create", "start", "stop", "reboot", "delete", "import"
-  std::string object_id;  // VM id, or image ref for imports
+  // "create", "start", "stop", "reboot", "delete", "define", "import", "pull", "verify",
+  // "network-create", "network-delete"
+  std::string kind;
+  std::string object_id;  // VM id, image ref (import, pull), "images" (verify), network name
   JobState state = JobState::kQueued;
-  double progress = 0.0;  // 0..1
+  double progress = 0.0;     // 0..1
+  uint64_t bytes_done = 0;   // jobs that move or read image bytes (import, pull, verify, a create
+  uint64_t bytes_total = 0;  // that pulls): bytes so far and in all (0 when not known)
+};
+
+// ListImages: one entry per tag, then one per cached blob no tag names, with the VMs (names) whose
+// disk, kernel or initrd it is.
+struct ImageEntry {
+  ImageInfo info;
+  std::vector<std::string> users;
 };
 
 struct JobOutcome {
@@ -121,9 +142,25 @@ class NodeService {
   virtual Result<uint32_t> import_image(std::string_view image, UniqueFd data,
                                         std::string_view sha256, std::string_view kind,
                                         std::string_view tenant, std::string_view request_id) = 0;
-  virtual std::vector<ImageInfo> list_images() const = 0;
+  virtual std::vector<ImageEntry> list_images() const = 0;
   // Conflict (naming the VMs) while a VM uses the image.
   virtual Status remove_image(std::string_view image, std::string_view request_id) = 0;
+  // Queues a "pull" job for name:tag from the image sources (ImageStore::pull: single flight,
+  // verified, byte progress); ImagePulled when done. InvalidArgument for a bad reference,
+  // Unavailable when no source is configured.
+  virtual Result<uint32_t> pull_image(std::string_view image, std::string_view request_id) = 0;
+  // Pins (never collected) or unpins the image's blob; ImagePinned. NotFound when not cached.
+  virtual Status pin_image(std::string_view image, bool pinned, std::string_view request_id) = 0;
+  // Removes every cached blob that no VM uses, that is not pinned and was not used for at least
+  // `min_age` (default: ServiceOptions::image_gc_min_age); one ImageCollected event per blob.
+  // With `dry_run`, only reports what it would remove.
+  virtual Result<GcPlan> collect_images(std::optional<std::chrono::seconds> min_age,
+                                        bool dry_run) = 0;
+  // Queues a "verify" job re-hashing the named images (all cached blobs when empty): one
+  // ImageCorrupt event per bad blob, then ImageVerified {checked, corrupt}. The job fails when a
+  // blob is corrupt.
+  virtual Result<uint32_t> verify_images(const std::vector<std::string>& images,
+                                         std::string_view request_id) = 0;
 
   // ---- Tenant networks (docs/network-spec.md) ----
   // Records the network and queues the job that builds it on the host ("network-create").

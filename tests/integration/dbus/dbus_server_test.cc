@@ -307,7 +307,7 @@ class FakeNodeService final : public NodeService {
     last_import_ = call;
     return 21u;
   }
-  std::vector<ImageInfo> list_images() const override {
+  std::vector<ImageEntry> list_images() const override {
     ImageInfo a{.ref = ImageRef{"busybox-guest", "1"},
                 .digest = Digest::trusted("sha256:" + std::string(64, 'a')),
                 .kind = ImageKind::kDisk,
@@ -316,7 +316,9 @@ class FakeNodeService final : public NodeService {
                 .virtual_size = 4096,
                 .tenant = TenantId::trusted("contoso"),
                 .imported_us = 1,
-                .path = "/x"};
+                .path = "/x",
+                .pinned = true,
+                .last_used_us = 7};
     ImageInfo b{.ref = std::nullopt,
                 .digest = Digest::trusted("sha256:" + std::string(64, 'b')),
                 .kind = ImageKind::kKernel,
@@ -325,11 +327,41 @@ class FakeNodeService final : public NodeService {
                 .virtual_size = 5,
                 .tenant = std::nullopt,
                 .imported_us = 2,
-                .path = "/y"};
-    return {a, b};
+                .path = "/y",
+                .pinned = false,
+                .last_used_us = 0};
+    return {{a, {"web-1", "web-2"}}, {b, {}}};
   }
   Status remove_image(std::string_view image, std::string_view request_id) override {
     return record("remove_image(" + std::string(image) + "," + std::string(request_id) + ")");
+  }
+  Result<uint32_t> pull_image(std::string_view image, std::string_view request_id) override {
+    NM_RETURN_IF_ERROR(
+        record("pull_image(" + std::string(image) + "," + std::string(request_id) + ")"));
+    return 41u;
+  }
+  Status pin_image(std::string_view image, bool pinned, std::string_view request_id) override {
+    return record("pin_image(" + std::string(image) + "," + (pinned ? "true" : "false") + "," +
+                  std::string(request_id) + ")");
+  }
+  Result<GcPlan> collect_images(std::optional<std::chrono::seconds> min_age,
+                                bool dry_run) override {
+    NM_RETURN_IF_ERROR(record(
+        "collect_images(" + (min_age ? std::to_string(min_age->count()) : std::string("default")) +
+        "," + (dry_run ? "dry" : "real") + ")"));
+    GcPlan plan;
+    plan.remove.push_back({Digest::trusted("sha256:" + std::string(64, 'c')),
+                           300,
+                           {ImageRef{"old", "1"}, ImageRef{"old", "2"}}});
+    plan.bytes = 300;
+    return plan;
+  }
+  Result<uint32_t> verify_images(const std::vector<std::string>& images,
+                                 std::string_view request_id) override {
+    std::string list;
+    for (const auto& i : images) list += i + ";";
+    NM_RETURN_IF_ERROR(record("verify_images(" + list + "," + std::string(request_id) + ")"));
+    return 42u;
   }
   Result<uint32_t> create_network(std::string_view spec_json,
                                   std::string_view request_id) override {
@@ -793,13 +825,28 @@ TEST_F(DbusServerTest, ListImagesReturnsEveryImage) {
   BusError error;
   MessagePtr reply = call_manager("ListImages", error, "");
   ASSERT_TRUE(reply) << error.message();
-  EXPECT_STREQ(sd_bus_message_get_signature(reply.get(), 1), "a(sssstts)");
-  ASSERT_GE(sd_bus_message_enter_container(reply.get(), 'a', "(sssstts)"), 0);
+  EXPECT_STREQ(sd_bus_message_get_signature(reply.get(), 1), "a(ssssttstbas)");
+  ASSERT_GE(sd_bus_message_enter_container(reply.get(), 'a', "(ssssttstbas)"), 0);
   const char *ref, *digest, *kind, *format, *tenant;
-  uint64_t size = 0, vsize = 0;
-  ASSERT_GT(sd_bus_message_read(reply.get(), "(sssstts)", &ref, &digest, &kind, &format, &size,
-                                &vsize, &tenant),
-            0);
+  uint64_t size = 0, vsize = 0, last_used = 0;
+  int pinned = 0;
+  auto read_row = [&](std::vector<std::string>& users) {
+    if (sd_bus_message_enter_container(reply.get(), 'r', "ssssttstbas") <= 0) return false;
+    if (sd_bus_message_read(reply.get(), "ssssttstb", &ref, &digest, &kind, &format, &size, &vsize,
+                            &tenant, &last_used, &pinned) <= 0) {
+      return false;
+    }
+    char** strv = nullptr;
+    if (sd_bus_message_read_strv(reply.get(), &strv) < 0) return false;
+    for (char** p = strv; p && *p; ++p) {
+      users.emplace_back(*p);
+      free(*p);
+    }
+    free(strv);
+    return sd_bus_message_exit_container(reply.get()) >= 0;
+  };
+  std::vector<std::string> users;
+  ASSERT_TRUE(read_row(users));
   EXPECT_STREQ(ref, "busybox-guest:1");
   EXPECT_EQ(std::string(digest), "sha256:" + std::string(64, 'a'));
   EXPECT_STREQ(kind, "disk");
@@ -807,12 +854,42 @@ TEST_F(DbusServerTest, ListImagesReturnsEveryImage) {
   EXPECT_EQ(size, 1000u);
   EXPECT_EQ(vsize, 4096u);
   EXPECT_STREQ(tenant, "contoso");
-  ASSERT_GT(sd_bus_message_read(reply.get(), "(sssstts)", &ref, &digest, &kind, &format, &size,
-                                &vsize, &tenant),
-            0);
+  EXPECT_EQ(last_used, 7u);  // the later of imported_us and last_used_us
+  EXPECT_TRUE(pinned);
+  EXPECT_EQ(users, (std::vector<std::string>{"web-1", "web-2"}));
+  users.clear();
+  ASSERT_TRUE(read_row(users));
   EXPECT_STREQ(ref, "");
   EXPECT_STREQ(kind, "kernel");
   EXPECT_STREQ(tenant, "");
+  EXPECT_EQ(last_used, 2u);
+  EXPECT_FALSE(pinned);
+  EXPECT_TRUE(users.empty());
+}
+
+TEST_F(DbusServerTest, PullPinCollectAndVerifyReachTheService) {
+  BusError error;
+  MessagePtr pulled = call_manager("PullImage", error, "ss", "debian:12", "r-1");
+  ASSERT_TRUE(pulled) << error.message();
+  const char* job = nullptr;
+  ASSERT_GE(sd_bus_message_read(pulled.get(), "o", &job), 0);
+  EXPECT_EQ(std::string(job), job_object_path(41));
+  EXPECT_EQ(fake_.calls().back(), "pull_image(debian:12,r-1)");
+
+  ASSERT_TRUE(call_manager("PinImage", error, "sbs", "debian:12", 1, "r-2")) << error.message();
+  EXPECT_EQ(fake_.calls().back(), "pin_image(debian:12,true,r-2)");
+
+  MessagePtr gc = call_manager("CollectImages", error, "xb", int64_t{-1}, 1);
+  ASSERT_TRUE(gc) << error.message();
+  EXPECT_EQ(fake_.calls().back(), "collect_images(default,dry)");
+  EXPECT_STREQ(sd_bus_message_get_signature(gc.get(), 1), "a(sast)t");
+  ASSERT_TRUE(call_manager("CollectImages", error, "xb", int64_t{0}, 0)) << error.message();
+  EXPECT_EQ(fake_.calls().back(), "collect_images(0,real)");
+
+  MessagePtr verified =
+      call_manager("VerifyImages", error, "ass", 2, "debian:12", "sha256:x", "r-3");
+  ASSERT_TRUE(verified) << error.message();
+  EXPECT_EQ(fake_.calls().back(), "verify_images(debian:12;sha256:x;,r-3)");
 }
 
 TEST_F(DbusServerTest, GetEventsDefaultsAndCapsMaxAndReturnsTheLastSeq) {
@@ -986,8 +1063,13 @@ TEST_F(DbusServerTest, PropertiesChangedFollowsOnVmChanged) {
 TEST_F(DbusServerTest, JobObjectLivesFromJobNewToJobRemovedWithTheOutcome) {
   subscribe(kManagerInterface.data(), "JobNew");
   subscribe(kManagerInterface.data(), "JobRemoved");
-  const JobView job{
-      .id = 5, .kind = "start", .object_id = kVmId, .state = JobState::kRunning, .progress = 0.5};
+  const JobView job{.id = 5,
+                    .kind = "start",
+                    .object_id = kVmId,
+                    .state = JobState::kRunning,
+                    .progress = 0.5,
+                    .bytes_done = 512,
+                    .bytes_total = 1024};
   const std::string path = job_object_path(5);
   run_on_loop([&] {
     fake_.add_job(job);
@@ -1010,6 +1092,18 @@ TEST_F(DbusServerTest, JobObjectLivesFromJobNewToJobRemovedWithTheOutcome) {
                                         kJobInterface.data(), "Progress", &error.e, 'd', &progress),
             0);
   EXPECT_DOUBLE_EQ(progress, 0.5);
+  uint64_t bytes_done = 0;
+  uint64_t bytes_total = 0;
+  ASSERT_GE(
+      sd_bus_get_property_trivial(client_.get(), kBusName.data(), path.c_str(),
+                                  kJobInterface.data(), "BytesDone", &error.e, 't', &bytes_done),
+      0);
+  ASSERT_GE(
+      sd_bus_get_property_trivial(client_.get(), kBusName.data(), path.c_str(),
+                                  kJobInterface.data(), "BytesTotal", &error.e, 't', &bytes_total),
+      0);
+  EXPECT_EQ(bytes_done, 512u);
+  EXPECT_EQ(bytes_total, 1024u);
 
   BusError cancel_error;
   EXPECT_TRUE(call(path, kJobInterface, "Cancel", cancel_error, ""));

@@ -18,6 +18,7 @@
 #include "fakes/fake_hypervisor.h"
 #include "fakes/fake_network.h"
 #include "nm/core/fs.h"
+#include "nm/imagestore/image_source.h"
 #include "nm/network/names.h"
 
 namespace nm {
@@ -106,11 +107,17 @@ std::string spec(const std::string& name, const std::string& tenant = "contoso",
          R"(","vcpus":1,"memory_mib":128,"image":"base:1")" + extra + "}";
 }
 
+std::string spec_on(const std::string& name, const std::string& image) {
+  return R"({"name":")" + name + R"(","tenant":"contoso","vcpus":1,"memory_mib":128,"image":")" +
+         image + R"("})";
+}
+
 class NodeServiceTest : public ::testing::Test {
  protected:
   void SetUp() override {
     options_.instances_dir = "/tmp/instances";
     options_.underlay_interface = "ul0";
+    options_.disk_reserve_bytes = 0;
     dir_ = std::filesystem::path(::testing::TempDir()) /
            ("svc-" + std::string(::testing::UnitTest::GetInstance()->current_test_info()->name()));
     std::filesystem::remove_all(dir_);
@@ -566,6 +573,215 @@ TEST_F(NodeServiceTest, ImportRejectsAWrongDigestAndKeepsNothing) {
   EXPECT_EQ(o.result, "failed");
   EXPECT_EQ(o.error.code(), Code::kInvalidArgument);
   EXPECT_EQ(images_->resolve("bad:1").status().code(), Code::kNotFound);
+}
+
+// A shared image store in memory: counts transfers; `gate` holds every fetch until opened.
+class FakeSource final : public ImageSource {
+ public:
+  void add(const std::string& ref, const std::string& bytes, const std::string& kind = "disk") {
+    std::lock_guard lock(mu_);
+    blobs_["sha256:" + sha256_hex(bytes)] = bytes;
+    manifests_.insert_or_assign(
+        ref, ImageManifest{Digest::trusted("sha256:" + sha256_hex(bytes)), bytes.size(),
+                           ImageFormat::kRaw, *parse_image_kind(kind, "kind")});
+  }
+  void corrupt(const std::string& ref) {
+    std::lock_guard lock(mu_);
+    auto& b = blobs_[manifests_.at(ref).digest.str()];
+    b[0] = static_cast<char>(b[0] ^ 1);
+  }
+  void close_gate() {
+    std::lock_guard lock(mu_);
+    gate_open_ = false;
+  }
+  void open_gate() {
+    {
+      std::lock_guard lock(mu_);
+      gate_open_ = true;
+    }
+    cv_.notify_all();
+  }
+  int fetches() const {
+    std::lock_guard lock(mu_);
+    return fetches_;
+  }
+  const std::string& describe() const override { return name_; }
+  Result<ImageManifest> manifest(const ImageRef& ref) override {
+    std::lock_guard lock(mu_);
+    auto it = manifests_.find(ref.str());
+    if (it == manifests_.end()) return not_found("manifest '" + ref.str() + "' not in fake");
+    return it->second;
+  }
+  Status fetch(const Digest& digest, uint64_t, const BlobSink& sink,
+               const std::atomic<bool>*) override {
+    std::string bytes;
+    {
+      std::unique_lock lock(mu_);
+      ++fetches_;
+      cv_.wait(lock, [&] { return gate_open_; });
+      bytes = blobs_.at(digest.str());
+    }
+    return sink(std::span(reinterpret_cast<const uint8_t*>(bytes.data()), bytes.size()));
+  }
+
+ private:
+  const std::string name_ = "fake:";
+  mutable std::mutex mu_;
+  std::condition_variable cv_;
+  bool gate_open_ = true;
+  int fetches_ = 0;
+  std::map<std::string, ImageManifest> manifests_;
+  std::map<std::string, std::string> blobs_;
+};
+
+class NodeServiceImageTest : public NodeServiceTest {
+ protected:
+  void SetUp() override {
+    options_.image_sources = {&source_};
+    source_.add("remote:1", std::string(8192, 'r'));
+    NodeServiceTest::SetUp();
+  }
+  std::vector<std::string> event_kinds() const {
+    std::vector<std::string> out;
+    for (const auto& e : obs_.events) out.push_back(e.kind);
+    return out;
+  }
+  FakeSource source_;
+};
+
+TEST_F(NodeServiceImageTest, CreateOfAnUncachedImagePullsItOnceForConcurrentCreates) {
+  source_.close_gate();
+  std::vector<CreateVmReply> replies;
+  for (int i = 0; i < 6; ++i) {
+    auto r = service_->create_vm(spec_on("web-" + std::to_string(i), "remote:1"), "");
+    ASSERT_TRUE(r.is_ok()) << r.status().to_string();
+    replies.push_back(*r);
+  }
+  // Pending: the record does not name a digest yet.
+  EXPECT_EQ(json::parse(vm_record_to_json(*service_->get_vm("web-0"))).at("image_digest"), "");
+  source_.open_gate();
+  for (const auto& r : replies) wait_done(r.job_id);
+  EXPECT_EQ(source_.fetches(), 1);
+  const auto cached = images_->resolve("remote:1");
+  ASSERT_TRUE(cached.is_ok()) << cached.status().to_string();
+  for (const auto& r : replies) {
+    EXPECT_EQ(service_->get_vm(r.vm_id.str())->image_digest, cached->digest);
+  }
+  // The database knows the digest: a restart still counts the VMs as users.
+  open_service();
+  const auto entries = service_->list_images();
+  const auto remote = std::find_if(entries.begin(), entries.end(), [](const ImageEntry& e) {
+    return e.info.ref && e.info.ref->str() == "remote:1";
+  });
+  ASSERT_NE(remote, entries.end());
+  EXPECT_EQ(remote->users.size(), 6u);
+}
+
+TEST_F(NodeServiceImageTest, AFailedPullFailsTheCreateAndLeavesNoVm) {
+  source_.corrupt("remote:1");
+  auto r = service_->create_vm(spec_on("web-1", "remote:1"), "");
+  ASSERT_TRUE(r.is_ok()) << r.status().to_string();
+  const JobOutcome o = wait(r->job_id);
+  EXPECT_EQ(o.result, "failed");
+  EXPECT_NE(o.error.message().find("spec.image"), std::string::npos) << o.error.to_string();
+  ASSERT_TRUE(settle());
+  EXPECT_EQ(service_->get_vm("web-1").status().code(), Code::kNotFound);
+  EXPECT_EQ(images_->resolve("remote:1").status().code(), Code::kNotFound);
+  EXPECT_TRUE(hv_.list_domains()->empty());
+}
+
+TEST_F(NodeServiceImageTest, AnImageMissingEverywhereIsRefusedAtOnceOrByTheJob) {
+  // Not in any source: the create job fails, nothing stays.
+  auto r = service_->create_vm(spec_on("web-1", "nope:1"), "");
+  ASSERT_TRUE(r.is_ok());
+  const JobOutcome o = wait(r->job_id);
+  EXPECT_EQ(o.error.code(), Code::kNotFound) << o.error.to_string();
+  ASSERT_TRUE(settle());
+  EXPECT_EQ(service_->get_vm("web-1").status().code(), Code::kNotFound);
+  // A digest is never pulled: refused synchronously.
+  auto d = service_->create_vm(spec_on("web-2", "sha256:" + std::string(64, 'e')), "");
+  EXPECT_EQ(d.status().code(), Code::kNotFound);
+}
+
+TEST_F(NodeServiceImageTest, PullJobReportsBytesAndAnEvent) {
+  auto job = service_->pull_image("remote:1", "pull-1");
+  ASSERT_TRUE(job.is_ok()) << job.status().to_string();
+  wait_done(*job);
+  const auto kinds = event_kinds();
+  EXPECT_NE(std::find(kinds.begin(), kinds.end(), "ImagePulled"), kinds.end());
+  EXPECT_TRUE(images_->resolve("remote:1").is_ok());
+  // A retry with the same request id answers with the same job.
+  EXPECT_EQ(*service_->pull_image("remote:1", "pull-1"), *job);
+  EXPECT_EQ(service_->pull_image("bad ref", "").status().code(), Code::kInvalidArgument);
+}
+
+TEST_F(NodeServiceImageTest, GcKeepsImagesInUseAndPinnedAndRemovesTheRest) {
+  source_.add("spare:1", std::string(100, 's'));
+  source_.add("kept:1", std::string(100, 'k'));
+  for (const char* ref : {"remote:1", "spare:1", "kept:1"}) {
+    wait_done(*service_->pull_image(ref, ""));
+  }
+  create("web-1");  // uses base:1
+  auto r = service_->create_vm(spec_on("web-2", "remote:1"), "");
+  ASSERT_TRUE(r.is_ok());
+  wait_done(r->job_id);
+  ASSERT_TRUE(service_->pin_image("kept:1", true, "").is_ok());
+
+  auto dry = service_->collect_images(0s, true);
+  ASSERT_TRUE(dry.is_ok());
+  ASSERT_EQ(dry->remove.size(), 1u);
+  EXPECT_EQ(dry->remove[0].tags.at(0).str(), "spare:1");
+  EXPECT_TRUE(images_->resolve("spare:1").is_ok());  // a dry run removes nothing
+
+  // Not old enough under the default age.
+  EXPECT_TRUE(service_->collect_images(std::nullopt, false)->remove.empty());
+  auto gc = service_->collect_images(0s, false);
+  ASSERT_TRUE(gc.is_ok());
+  ASSERT_EQ(gc->remove.size(), 1u);
+  EXPECT_EQ(gc->bytes, 100u);
+  EXPECT_EQ(images_->resolve("spare:1").status().code(), Code::kNotFound);
+  EXPECT_TRUE(images_->resolve("remote:1").is_ok());
+  EXPECT_TRUE(images_->resolve("base:1").is_ok());
+  EXPECT_TRUE(images_->resolve("kept:1").is_ok());
+
+  ASSERT_TRUE(service_->pin_image("kept:1", false, "").is_ok());
+  EXPECT_EQ(service_->collect_images(0s, false)->remove.size(), 1u);
+  EXPECT_EQ(images_->resolve("kept:1").status().code(), Code::kNotFound);
+  EXPECT_EQ(service_->pin_image("kept:1", true, "").code(), Code::kNotFound);
+}
+
+TEST_F(NodeServiceImageTest, VerifyFindsACorruptBlobAndFailsTheJob) {
+  wait_done(*service_->pull_image("remote:1", ""));
+  auto ok = service_->verify_images({}, "");
+  ASSERT_TRUE(ok.is_ok());
+  wait_done(*ok);
+  const auto info = images_->resolve("remote:1");
+  ASSERT_TRUE(info.is_ok());
+  std::filesystem::permissions(info->path, std::filesystem::perms::owner_write,
+                               std::filesystem::perm_options::add);
+  {
+    std::fstream f(info->path, std::ios::in | std::ios::out | std::ios::binary);
+    f.seekp(10);
+    f.put('Z');
+  }
+  auto bad = service_->verify_images({"remote:1"}, "");
+  ASSERT_TRUE(bad.is_ok());
+  const JobOutcome o = wait(*bad);
+  EXPECT_EQ(o.result, "failed");
+  EXPECT_NE(o.error.message().find(info->digest.str()), std::string::npos);
+  const auto kinds = event_kinds();
+  EXPECT_NE(std::find(kinds.begin(), kinds.end(), "ImageCorrupt"), kinds.end());
+  EXPECT_EQ(service_->verify_images({"nope:1"}, "").status().code(), Code::kNotFound);
+}
+
+TEST_F(NodeServiceTest, CreateIsRefusedWhenTheInstancesFilesystemIsBelowItsReserve) {
+  options_.instances_dir = dir_.string();
+  options_.disk_reserve_bytes = uint64_t{1} << 62;
+  open_service();
+  auto r = service_->create_vm(spec("web-1"), "");
+  EXPECT_EQ(r.status().code(), Code::kInsufficientCapacity);
+  EXPECT_NE(r.status().message().find("disk-reserve-mib"), std::string::npos);
+  EXPECT_TRUE(service_->list_vms("").empty());
 }
 
 // Delegates to a FakeHypervisor; while closed, list_overlays() blocks, so an audit holds a
