@@ -4,9 +4,11 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <cstdlib>
 #include <cstring>
 #include <functional>
 #include <map>
+#include <set>
 
 namespace nm::cli {
 namespace {
@@ -99,6 +101,30 @@ uint64_t remaining_usec(const Deadline& deadline) {
       std::chrono::duration_cast<std::chrono::microseconds>(*deadline - now).count());
 }
 
+// Reads BytesDone and BytesTotal from a property dictionary (a{sv}), skipping the rest.
+int read_job_bytes(sd_bus_message* m, JobProgress* p) {
+  int r = sd_bus_message_enter_container(m, 'a', "{sv}");
+  if (r < 0) return r;
+  for (;;) {
+    r = sd_bus_message_enter_container(m, 'e', "sv");
+    if (r < 0) return r;
+    if (r == 0) break;
+    const char* key = nullptr;
+    if ((r = sd_bus_message_read(m, "s", &key)) < 0) return r;
+    uint64_t* target = nullptr;
+    if (std::strcmp(key, "BytesDone") == 0) target = &p->done;
+    if (std::strcmp(key, "BytesTotal") == 0) target = &p->total;
+    if (target != nullptr) {
+      r = sd_bus_message_read(m, "v", "t", target);
+    } else {
+      r = sd_bus_message_skip(m, "v");
+    }
+    if (r < 0) return r;
+    if ((r = sd_bus_message_exit_container(m)) < 0) return r;
+  }
+  return sd_bus_message_exit_container(m);
+}
+
 }  // namespace
 
 struct BusClient::Impl {
@@ -110,8 +136,11 @@ struct BusClient::Impl {
   SlotPtr state_slot;
   SlotPtr event_job_slot;
   SlotPtr event_other_slot;
+  SlotPtr progress_slot;
 
-  std::map<std::string, JobOutcome> ended;  // JobRemoved seen, by job path
+  std::map<std::string, JobOutcome> ended;      // JobRemoved seen, by job path
+  std::map<std::string, JobProgress> progress;  // by job path
+  std::set<std::string> progress_changed;       // job paths whose progress changed unreported
   bool daemon_gone = false;
   bool out_of_memory = false;
   uint64_t newest_seq = 0;
@@ -152,6 +181,22 @@ struct BusClient::Impl {
     if (sd_bus_message_rewind(m, 1) < 0) return 0;
     if (sd_bus_message_read(m, "t", &seq) < 0) return 0;
     self->newest_seq = std::max(self->newest_seq, seq);
+    return 0;
+  }
+
+  static int on_properties_changed(sd_bus_message* m, void* userdata, sd_bus_error*) noexcept {
+    auto* self = static_cast<Impl*>(userdata);
+    const char* path = sd_bus_message_get_path(m);
+    const char* iface = nullptr;
+    if (path == nullptr || sd_bus_message_read(m, "s", &iface) < 0) return 0;
+    if (std::strcmp(iface, kJob) != 0) return 0;
+    try {
+      JobProgress p = self->progress[path];
+      if (read_job_bytes(m, &p) < 0) return 0;
+      self->update_progress(path, p);
+    } catch (...) {
+      self->out_of_memory = true;
+    }
     return 0;
   }
 
@@ -224,6 +269,38 @@ struct BusClient::Impl {
     slot->reset(raw);
     if (r < 0) return bus_status(r, nullptr, "subscribing to signals");
     return Status::ok();
+  }
+
+  // Keeps the furthest progress seen: a signal queued before a GetAll reply may be older.
+  void update_progress(const std::string& path, const JobProgress& p) {
+    JobProgress& cur = progress[path];
+    const JobProgress next{.done = p.total == cur.total ? std::max(p.done, cur.done) : p.done,
+                           .total = p.total};
+    if (next.done != cur.done || next.total != cur.total) progress_changed.insert(path);
+    cur = next;
+  }
+
+  // The job's progress (GetAll on its Job interface); nullopt when the object no longer exists.
+  Result<std::optional<JobProgress>> job_properties(const std::string& job) {
+    ErrorHolder error;
+    sd_bus_message* raw = nullptr;
+    int r = sd_bus_message_new_method_call(bus.get(), &raw, kService, job.c_str(),
+                                           "org.freedesktop.DBus.Properties", "GetAll");
+    MessagePtr msg(raw);
+    if (r < 0) return bus_status(r, nullptr, "GetAll");
+    r = sd_bus_message_append(msg.get(), "s", kJob);
+    if (r < 0) return bus_status(r, nullptr, "GetAll");
+    sd_bus_message* reply_raw = nullptr;
+    r = sd_bus_call(bus.get(), msg.get(), timeout_usec, error.get(), &reply_raw);
+    MessagePtr reply(reply_raw);
+    if (r < 0) {
+      if (is_gone_error(error.get())) return std::optional<JobProgress>();
+      return bus_status(r, error.get(), "reading job '" + job + "'");
+    }
+    JobProgress p;
+    r = read_job_bytes(reply.get(), &p);
+    if (r < 0) return read_status(r, "GetAll");
+    return std::optional<JobProgress>(p);
   }
 
   // Where a retried request's job ended long ago: look its JobRemoved up in the event ring.
@@ -413,23 +490,40 @@ Result<std::vector<ImageRow>> BusClient::list_images() {
   auto reply = impl_->call_manager("ListImages", nullptr);
   if (!reply) return reply.status();
   sd_bus_message* m = reply->get();
-  int r = sd_bus_message_enter_container(m, 'a', "(sssstts)");
+  int r = sd_bus_message_enter_container(m, 'a', "(ssssttstbas)");
   if (r < 0) return read_status(r, "ListImages");
   std::vector<ImageRow> rows;
   for (;;) {
-    const char *ref = nullptr, *digest = nullptr, *kind = nullptr, *format = nullptr,
-               *tenant = nullptr;
-    uint64_t size = 0, vsize = 0;
-    r = sd_bus_message_read(m, "(sssstts)", &ref, &digest, &kind, &format, &size, &vsize, &tenant);
+    r = sd_bus_message_enter_container(m, 'r', "ssssttstbas");
     if (r < 0) return read_status(r, "ListImages");
     if (r == 0) break;
-    rows.push_back(ImageRow{.ref = ref,
-                            .digest = digest,
-                            .kind = kind,
-                            .format = format,
-                            .size = size,
-                            .virtual_size = vsize,
-                            .tenant = tenant});
+    const char *ref = nullptr, *digest = nullptr, *kind = nullptr, *format = nullptr,
+               *tenant = nullptr;
+    uint64_t size = 0, vsize = 0, last_used = 0;
+    int pinned = 0;
+    r = sd_bus_message_read(m, "ssssttstb", &ref, &digest, &kind, &format, &size, &vsize, &tenant,
+                            &last_used, &pinned);
+    if (r < 0) return read_status(r, "ListImages");
+    ImageRow row{.ref = ref,
+                 .digest = digest,
+                 .kind = kind,
+                 .format = format,
+                 .size = size,
+                 .virtual_size = vsize,
+                 .tenant = tenant,
+                 .last_used_us = last_used,
+                 .pinned = pinned != 0};
+    char** users = nullptr;
+    r = sd_bus_message_read_strv(m, &users);
+    if (r < 0) return read_status(r, "ListImages");
+    for (char** u = users; u != nullptr && *u != nullptr; ++u) {
+      row.users.emplace_back(*u);
+      std::free(*u);  // NOLINT(cppcoreguidelines-no-malloc): sd-bus allocates the strv
+    }
+    std::free(users);  // NOLINT(cppcoreguidelines-no-malloc)
+    r = sd_bus_message_exit_container(m);
+    if (r < 0) return read_status(r, "ListImages");
+    rows.push_back(std::move(row));
   }
   return rows;
 }
@@ -441,6 +535,96 @@ Status BusClient::remove_image(const std::string& image, const std::string& requ
                        return sd_bus_message_append(m, "ss", image.c_str(), request_id.c_str());
                      })
       .status();
+}
+
+Result<std::string> BusClient::pull_image(const std::string& image, const std::string& request_id) {
+  return impl_->read_object_path(impl_->call_manager("PullImage",
+                                                     [&](sd_bus_message* m) {
+                                                       return sd_bus_message_append(
+                                                           m, "ss", image.c_str(),
+                                                           request_id.c_str());
+                                                     }),
+                                 "PullImage");
+}
+
+Status BusClient::pin_image(const std::string& image, bool pinned, const std::string& request_id) {
+  return impl_
+      ->call_manager("PinImage",
+                     [&](sd_bus_message* m) {
+                       return sd_bus_message_append(m, "sbs", image.c_str(),
+                                                    static_cast<int>(pinned), request_id.c_str());
+                     })
+      .status();
+}
+
+Result<GcReply> BusClient::collect_images(int64_t min_age_s, bool dry_run) {
+  auto reply = impl_->call_manager("CollectImages", [&](sd_bus_message* m) {
+    return sd_bus_message_append(m, "xb", min_age_s, static_cast<int>(dry_run));
+  });
+  if (!reply) return reply.status();
+  sd_bus_message* m = reply->get();
+  int r = sd_bus_message_enter_container(m, 'a', "(sast)");
+  if (r < 0) return read_status(r, "CollectImages");
+  GcReply gc;
+  for (;;) {
+    r = sd_bus_message_enter_container(m, 'r', "sast");
+    if (r < 0) return read_status(r, "CollectImages");
+    if (r == 0) break;
+    GcRow row;
+    const char* digest = nullptr;
+    if ((r = sd_bus_message_read(m, "s", &digest)) < 0) return read_status(r, "CollectImages");
+    row.digest = digest;
+    if ((r = sd_bus_message_enter_container(m, 'a', "s")) < 0) {
+      return read_status(r, "CollectImages");
+    }
+    for (;;) {
+      const char* tag = nullptr;
+      r = sd_bus_message_read(m, "s", &tag);
+      if (r < 0) return read_status(r, "CollectImages");
+      if (r == 0) break;
+      row.tags.emplace_back(tag);
+    }
+    if ((r = sd_bus_message_exit_container(m)) < 0 ||
+        (r = sd_bus_message_read(m, "t", &row.size)) < 0 ||
+        (r = sd_bus_message_exit_container(m)) < 0) {
+      return read_status(r, "CollectImages");
+    }
+    gc.removed.push_back(std::move(row));
+  }
+  if ((r = sd_bus_message_exit_container(m)) < 0 ||
+      (r = sd_bus_message_read(m, "t", &gc.bytes)) < 0) {
+    return read_status(r, "CollectImages");
+  }
+  return gc;
+}
+
+Result<std::string> BusClient::verify_images(const std::vector<std::string>& images,
+                                             const std::string& request_id) {
+  return impl_->read_object_path(
+      impl_->call_manager("VerifyImages",
+                          [&](sd_bus_message* m) {
+                            int r = sd_bus_message_open_container(m, 'a', "s");
+                            for (const auto& i : images) {
+                              if (r < 0) return r;
+                              r = sd_bus_message_append(m, "s", i.c_str());
+                            }
+                            if (r < 0) return r;
+                            r = sd_bus_message_close_container(m);
+                            if (r < 0) return r;
+                            return sd_bus_message_append(m, "s", request_id.c_str());
+                          }),
+      "VerifyImages");
+}
+
+Result<uint64_t> BusClient::last_event_seq() {
+  auto reply = impl_->call(kPath, "org.freedesktop.DBus.Properties", "Get", [](sd_bus_message* m) {
+    return sd_bus_message_append(m, "ss", kManager, "LastEventSeq");
+  });
+  if (!reply) return reply.status();
+  uint64_t seq = 0;
+  const int r = sd_bus_message_read(reply->get(), "v", "t", &seq);
+  if (r < 0) return read_status(r, "LastEventSeq");
+  return seq;
 }
 
 Result<EventPage> BusClient::Impl::get_events(uint64_t since, uint32_t max) {
@@ -501,45 +685,87 @@ Result<JobOutcome> BusClient::Impl::outcome_from_ring(const std::string& job, ui
 }
 
 Result<JobOutcome> BusClient::wait_job(const std::string& job, Deadline deadline) {
-  const uint32_t job_id = job_id_from_path(job).value_or(0);
-  auto seen = [&]() -> std::optional<JobOutcome> {
-    const auto it = impl_->ended.find(job);
-    if (it == impl_->ended.end()) return std::nullopt;
-    return it->second;
+  NM_ASSIGN_OR_RETURN(std::vector<JobOutcome> outcomes, wait_jobs({job}, deadline, nullptr));
+  return std::move(outcomes.front());
+}
+
+Status BusClient::watch_job_progress() {
+  sd_bus_slot* raw = nullptr;
+  const std::string rule = std::string("type='signal',sender='") + kService +
+                           "',interface='org.freedesktop.DBus.Properties',member='"
+                           "PropertiesChanged',path_namespace='" +
+                           kPath + "/job',arg0='" + kJob + "'";
+  const int r = sd_bus_add_match(impl_->bus.get(), &raw, rule.c_str(), &Impl::on_properties_changed,
+                                 impl_.get());
+  impl_->progress_slot.reset(raw);
+  if (r < 0) return bus_status(r, nullptr, "subscribing to job progress");
+  return Status::ok();
+}
+
+Result<std::vector<JobOutcome>> BusClient::wait_jobs(const std::vector<std::string>& jobs,
+                                                     Deadline deadline,
+                                                     const ProgressFn& on_progress) {
+  std::vector<std::optional<JobOutcome>> out(jobs.size());
+  size_t left = jobs.size();
+  auto collect = [&] {
+    for (size_t i = 0; i < jobs.size(); ++i) {
+      if (out[i]) continue;
+      if (const auto it = impl_->ended.find(jobs[i]); it != impl_->ended.end()) {
+        out[i] = it->second;
+        --left;
+      }
+    }
   };
   NM_RETURN_IF_ERROR(impl_->drain());
-  if (auto o = seen()) return *o;
+  collect();
 
-  // Does the job still exist? A retried request may be answered with a job that ended long ago.
-  {
-    sd_bus_message* raw = nullptr;
-    int r = sd_bus_message_new_method_call(impl_->bus.get(), &raw, kService, job.c_str(),
-                                           "org.freedesktop.DBus.Properties", "Get");
-    MessagePtr msg(raw);
-    if (r < 0) return bus_status(r, nullptr, "Get");
-    r = sd_bus_message_append(msg.get(), "ss", kJob, "Id");
-    if (r < 0) return bus_status(r, nullptr, "Get");
-    ErrorHolder error;
-    sd_bus_message* reply_raw = nullptr;
-    r = sd_bus_call(impl_->bus.get(), msg.get(), impl_->timeout_usec, error.get(), &reply_raw);
-    MessagePtr reply(reply_raw);
-    if (r < 0) {
-      if (!is_gone_error(error.get())) return bus_status(r, error.get(), "Job.Id");
-      NM_RETURN_IF_ERROR(impl_->drain());
-      if (auto o = seen()) return *o;
-      return impl_->outcome_from_ring(job, job_id);
+  // Does each job still exist? A retried request may be answered with a job that ended long ago.
+  for (size_t i = 0; i < jobs.size(); ++i) {
+    if (out[i]) continue;
+    NM_ASSIGN_OR_RETURN(std::optional<JobProgress> p, impl_->job_properties(jobs[i]));
+    if (p) {
+      impl_->update_progress(jobs[i], *p);
+      if (on_progress) on_progress(i, impl_->progress[jobs[i]]);
+      continue;
     }
+    NM_RETURN_IF_ERROR(impl_->drain());
+    collect();
+    if (out[i]) continue;
+    NM_ASSIGN_OR_RETURN(JobOutcome o,
+                        impl_->outcome_from_ring(jobs[i], job_id_from_path(jobs[i]).value_or(0)));
+    out[i] = std::move(o);
+    --left;
   }
 
   for (;;) {
-    if (auto o = seen()) return *o;
-    if (impl_->out_of_memory) return internal_error("out of memory while waiting for a job");
-    if (impl_->daemon_gone) {
-      return unavailable("nodemanagerd left the bus before job " + std::to_string(job_id) +
-                         " ended");
+    collect();
+    if (on_progress) {
+      for (size_t i = 0; i < jobs.size(); ++i) {
+        if (!out[i] && impl_->progress_changed.count(jobs[i]) > 0) {
+          on_progress(i, impl_->progress[jobs[i]]);
+        }
+      }
     }
-    NM_RETURN_IF_ERROR(impl_->pump(deadline, "job " + std::to_string(job_id)));
+    impl_->progress_changed.clear();
+    if (left == 0) break;
+    if (impl_->out_of_memory) return internal_error("out of memory while waiting for jobs");
+    if (impl_->daemon_gone) {
+      for (size_t i = 0; i < jobs.size(); ++i) {
+        if (out[i]) continue;
+        return unavailable("nodemanagerd left the bus before job " +
+                           std::to_string(job_id_from_path(jobs[i]).value_or(0)) + " ended");
+      }
+    }
+    std::string waiting_for = "job";
+    for (size_t i = 0; i < jobs.size(); ++i) {
+      if (!out[i]) waiting_for += " " + std::to_string(job_id_from_path(jobs[i]).value_or(0));
+    }
+    NM_RETURN_IF_ERROR(impl_->pump(deadline, waiting_for));
   }
+  std::vector<JobOutcome> outcomes;
+  outcomes.reserve(out.size());
+  for (auto& o : out) outcomes.push_back(std::move(*o));
+  return outcomes;
 }
 
 Status BusClient::watch_events() {

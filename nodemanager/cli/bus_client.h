@@ -10,6 +10,7 @@
 
 #include <chrono>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <optional>
 #include <string>
@@ -30,6 +31,12 @@ struct CreateVmReply {
 struct EventPage {
   std::vector<EventRow> events;
   uint64_t last_seq = 0;
+};
+
+// A job's byte progress (its BytesDone and BytesTotal properties; total 0 when not known).
+struct JobProgress {
+  uint64_t done = 0;
+  uint64_t total = 0;
 };
 
 // A deadline for waits; nullopt waits forever.
@@ -59,7 +66,17 @@ class BusClient {
                                    const std::string& request_id);
   Result<std::vector<ImageRow>> list_images();
   Status remove_image(const std::string& image, const std::string& request_id);
+  // PullImage: the job's object path.
+  Result<std::string> pull_image(const std::string& image, const std::string& request_id);
+  Status pin_image(const std::string& image, bool pinned, const std::string& request_id);
+  // CollectImages; `min_age_s` < 0 uses the daemon's configured minimum age.
+  Result<GcReply> collect_images(int64_t min_age_s, bool dry_run);
+  // VerifyImages (all cached blobs when `images` is empty): the job's object path.
+  Result<std::string> verify_images(const std::vector<std::string>& images,
+                                    const std::string& request_id);
   Result<EventPage> get_events(uint64_t since, uint32_t max);
+  // The Manager's LastEventSeq property: the seq of the newest event recorded so far.
+  Result<uint64_t> last_event_seq();
   // Tenant networks; the job-starting ones return the job's object path.
   Result<std::string> create_network(const std::string& spec_json, const std::string& request_id);
   Result<std::string> delete_network(const std::string& name, const std::string& request_id);
@@ -75,6 +92,17 @@ class BusClient {
   // ring, and is "unknown" if the ring no longer has it. Unavailable if the daemon leaves the bus
   // or the deadline passes.
   Result<JobOutcome> wait_job(const std::string& job, Deadline deadline);
+  // Subscribes to the PropertiesChanged signals of every job object (their byte progress). Call
+  // BEFORE the method that starts the job, with watch_jobs().
+  Status watch_job_progress();
+  // Called by wait_jobs with the index (in `jobs`) of a job still running and its progress.
+  using ProgressFn = std::function<void(size_t index, const JobProgress& progress)>;
+  // Waits until every job of `jobs` ended (as wait_job does for one) and returns their outcomes
+  // in the same order. `on_progress`, if set, is called once per running job with its current
+  // progress, then after each PropertiesChanged of one (needs watch_job_progress()). Unavailable
+  // if the daemon leaves the bus or the deadline passes.
+  Result<std::vector<JobOutcome>> wait_jobs(const std::vector<std::string>& jobs, Deadline deadline,
+                                            const ProgressFn& on_progress);
 
   // ---- Event stream ----
   // Subscribes to VmStateChanged, JobRemoved and EventAppended. Call BEFORE get_events() for a

@@ -4,8 +4,10 @@
 #include <array>
 #include <cctype>
 #include <charconv>
+#include <cstdio>
 #include <ctime>
 #include <nlohmann/json.hpp>
+#include <utility>
 
 namespace nm::cli {
 namespace {
@@ -255,14 +257,72 @@ std::string network_show_text(std::string_view network_json) {
   return key_value_lines(lines);
 }
 
-std::string image_list_table(const std::vector<ImageRow>& images) {
+std::string image_removed_json(std::string_view image) {
+  return dump(json{{"removed", std::string(image)}});
+}
+
+std::string human_bytes(uint64_t bytes) {
+  static constexpr std::array<const char*, 6> kUnits = {"B", "KiB", "MiB", "GiB", "TiB", "PiB"};
+  if (bytes < 1024) return std::to_string(bytes) + " B";
+  auto value = static_cast<double>(bytes);
+  size_t unit = 0;
+  while (value >= 1024.0 && unit + 1 < kUnits.size()) {
+    value /= 1024.0;
+    ++unit;
+  }
+  std::array<char, 32> buf{};
+  std::snprintf(buf.data(), buf.size(), "%.1f %s", value, kUnits[unit]);
+  return buf.data();
+}
+
+std::string short_digest(std::string_view digest) {
+  constexpr std::string_view kPrefix = "sha256:";
+  if (!starts_with(digest, kPrefix) || digest.size() < kPrefix.size() + 12) {
+    return std::string(digest);
+  }
+  return std::string(digest.substr(0, kPrefix.size() + 12));
+}
+
+namespace {
+std::string utc_date(uint64_t us) {
+  const auto secs = static_cast<std::time_t>(us / 1000000);
+  std::tm tm{};
+  gmtime_r(&secs, &tm);
+  std::array<char, 16> buf{};
+  const size_t n = std::strftime(buf.data(), buf.size(), "%Y-%m-%d", &tm);
+  return {buf.data(), n};
+}
+}  // namespace
+
+std::string relative_time(uint64_t then_us, uint64_t now_us) {
+  if (then_us == 0) return "never";
+  if (then_us > now_us + 60'000'000) return utc_date(then_us);
+  const uint64_t secs = now_us > then_us ? (now_us - then_us) / 1000000 : 0;
+  if (secs < 60) return "just now";
+  if (secs < 3600) return std::to_string(secs / 60) + "m ago";
+  if (secs < 86400) return std::to_string(secs / 3600) + "h ago";
+  if (secs < uint64_t{30} * 86400) return std::to_string(secs / 86400) + "d ago";
+  return utc_date(then_us);
+}
+
+std::string users_cell(const std::vector<std::string>& users) {
+  if (users.empty()) return "-";
+  std::string joined;
+  for (const auto& u : users) joined += (joined.empty() ? "" : ",") + u;
+  if (joined.size() <= 24) return joined;
+  return std::to_string(users.size()) + " VMs";
+}
+
+std::string image_list_table(const std::vector<ImageRow>& images, uint64_t now_us) {
   std::vector<std::vector<std::string>> rows;
   rows.reserve(images.size());
   for (const auto& i : images) {
-    rows.push_back({i.ref, i.digest, i.kind, i.format, std::to_string(i.size),
-                    std::to_string(i.virtual_size), i.tenant.empty() ? "-" : i.tenant});
+    rows.push_back({i.ref.empty() ? "-" : i.ref, short_digest(i.digest), i.kind, i.format,
+                    human_bytes(i.size), users_cell(i.users), relative_time(i.last_used_us, now_us),
+                    i.pinned ? "yes" : "no"});
   }
-  return render_table({"IMAGE", "DIGEST", "KIND", "FORMAT", "SIZE", "VSIZE", "TENANT"}, rows);
+  return render_table({"IMAGE", "DIGEST", "KIND", "FORMAT", "SIZE", "USERS", "LAST-USED", "PINNED"},
+                      rows);
 }
 
 std::string image_list_json(const std::vector<ImageRow>& images) {
@@ -274,13 +334,257 @@ std::string image_list_json(const std::vector<ImageRow>& images) {
                    {"format", i.format},
                    {"size", i.size},
                    {"virtual_size", i.virtual_size},
-                   {"tenant", i.tenant}});
+                   {"tenant", i.tenant},
+                   {"last_used_us", i.last_used_us},
+                   {"pinned", i.pinned},
+                   {"users", i.users}});
   }
   return dump(arr);
 }
 
-std::string image_removed_json(std::string_view image) {
-  return dump(json{{"removed", std::string(image)}});
+std::vector<std::string> parse_image_list(std::string_view text) {
+  std::vector<std::string> out;
+  while (!text.empty()) {
+    const size_t eol = text.find('\n');
+    std::string_view line = text.substr(0, eol);
+    text = eol == std::string_view::npos ? std::string_view() : text.substr(eol + 1);
+    line = line.substr(0, line.find('#'));
+    size_t i = 0;
+    while (i < line.size()) {
+      while (i < line.size() && std::isspace(static_cast<unsigned char>(line[i])) != 0) ++i;
+      const size_t begin = i;
+      while (i < line.size() && std::isspace(static_cast<unsigned char>(line[i])) == 0) ++i;
+      if (i > begin) out.emplace_back(line.substr(begin, i - begin));
+    }
+  }
+  return out;
+}
+
+std::string per_image_request_id(std::string_view id, std::string_view image, bool several) {
+  if (id.empty() || !several) return std::string(id);
+  return std::string(id) + ":" + std::string(image);
+}
+
+namespace {
+bool pull_succeeded(const PullOutcome& o) {
+  return o.error.is_ok() && (o.result == "done" || o.result == "unknown" || o.result == "queued");
+}
+}  // namespace
+
+std::string pull_result_line(const PullOutcome& o) {
+  if (!pull_succeeded(o)) return "pull '" + o.image + "' failed: " + o.error.message();
+  if (o.result == "queued") {
+    return "pull " + o.image + ": job " + std::to_string(o.job_id.value_or(0)) + " queued";
+  }
+  if (o.digest.empty()) return "pulled " + o.image;
+  return "pulled " + o.image + " " + short_digest(o.digest) + " (" + human_bytes(o.size) + ")";
+}
+
+std::string pull_results_json(const std::vector<PullOutcome>& outcomes) {
+  json arr = json::array();
+  for (const auto& o : outcomes) {
+    json j = {{"image", o.image},
+              {"job_id", o.job_id ? json(*o.job_id) : json(nullptr)},
+              {"result", o.result}};
+    if (!o.error.is_ok()) {
+      j["error"] = std::string(code_name(o.error.code()));
+      j["message"] = o.error.message();
+    }
+    if (!o.digest.empty()) {
+      j["digest"] = o.digest;
+      j["size"] = o.size;
+    }
+    arr.push_back(std::move(j));
+  }
+  return dump(arr);
+}
+
+int pull_exit_code(const std::vector<PullOutcome>& outcomes) {
+  std::optional<Code> common;
+  bool any_ok = false;
+  bool mixed = false;
+  for (const auto& o : outcomes) {
+    if (pull_succeeded(o)) {
+      any_ok = true;
+      continue;
+    }
+    const Code c = o.error.is_ok() ? Code::kInternal : o.error.code();
+    if (common && *common != c) mixed = true;
+    common = c;
+  }
+  if (!common) return static_cast<int>(Exit::kOk);
+  if (any_ok || mixed) return static_cast<int>(Exit::kFailure);
+  return exit_code(*common);
+}
+
+std::string image_pinned_json(std::string_view image, bool pinned) {
+  return dump(json{{"image", std::string(image)}, {"pinned", pinned}});
+}
+
+namespace {
+std::string count_images(size_t n) {
+  return std::to_string(n) + (n == 1 ? " image" : " images");
+}
+std::string join(const std::vector<std::string>& items, std::string_view sep) {
+  std::string out;
+  for (const auto& i : items) {
+    if (!out.empty()) out += sep;
+    out += i;
+  }
+  return out;
+}
+}  // namespace
+
+std::string image_gc_text(const GcReply& gc, bool dry_run) {
+  if (gc.removed.empty())
+    return dry_run ? "nothing to collect (dry run)\n" : "nothing to collect\n";
+  std::vector<std::vector<std::string>> rows;
+  rows.reserve(gc.removed.size());
+  for (const auto& r : gc.removed) {
+    rows.push_back(
+        {short_digest(r.digest), r.tags.empty() ? "-" : join(r.tags, ","), human_bytes(r.size)});
+  }
+  return render_table({"DIGEST", "TAGS", "SIZE"}, rows) + (dry_run ? "would remove " : "removed ") +
+         count_images(gc.removed.size()) + ", " + human_bytes(gc.bytes) +
+         (dry_run ? " (dry run)\n" : "\n");
+}
+
+std::string image_gc_json(const GcReply& gc, bool dry_run) {
+  json removed = json::array();
+  for (const auto& r : gc.removed) {
+    removed.push_back({{"digest", r.digest}, {"tags", r.tags}, {"size", r.size}});
+  }
+  return dump(json{{"removed", removed}, {"bytes", gc.bytes}, {"dry_run", dry_run}});
+}
+
+std::optional<VerifyReport> verify_report_from_events(const std::vector<EventRow>& events,
+                                                      uint32_t job_id) {
+  std::vector<CorruptImage> pending;
+  for (const auto& e : events) {
+    if (e.kind != "ImageCorrupt" && e.kind != "ImageVerified") continue;
+    const json p = json::parse(e.payload_json, nullptr, false);
+    if (p.is_discarded() || !p.is_object()) continue;
+    if (e.kind == "ImageCorrupt") {
+      pending.push_back({.digest = p.value("digest", e.object_id),
+                         .tags = {},
+                         .problem = p.value("problem", std::string())});
+      continue;
+    }
+    const auto id = p.find("job_id");
+    if (id == p.end() || !id->is_number_unsigned() || id->get<uint64_t>() != job_id) {
+      pending.clear();
+      continue;
+    }
+    const auto checked = p.find("checked");
+    return VerifyReport{.checked = checked != p.end() && checked->is_number_unsigned()
+                                       ? checked->get<uint64_t>()
+                                       : 0,
+                        .corrupt = std::move(pending)};
+  }
+  return std::nullopt;
+}
+
+void add_tags(const std::vector<ImageRow>& images, VerifyReport* report) {
+  for (auto& c : report->corrupt) {
+    for (const auto& i : images) {
+      if (i.digest == c.digest && !i.ref.empty()) c.tags.push_back(i.ref);
+    }
+  }
+}
+
+std::string verify_report_text(const VerifyReport& r) {
+  std::string out;
+  for (const auto& c : r.corrupt) {
+    out += "corrupt: " + c.digest;
+    if (!c.tags.empty()) out += " (" + join(c.tags, ", ") + ")";
+    out += ": " + c.problem + "\n";
+  }
+  out += "checked " + count_images(r.checked) + ": ";
+  out += r.corrupt.empty() ? "all intact\n" : std::to_string(r.corrupt.size()) + " corrupt\n";
+  return out;
+}
+
+std::string verify_report_json(const VerifyReport& r) {
+  json corrupt = json::array();
+  for (const auto& c : r.corrupt) {
+    corrupt.push_back({{"digest", c.digest}, {"tags", c.tags}, {"problem", c.problem}});
+  }
+  return dump(json{{"checked", r.checked}, {"corrupt", corrupt}});
+}
+
+namespace {
+constexpr size_t kMaxLabel = 40;
+constexpr size_t kBarCells = 20;
+
+// The unit that shows `total` (or `done` without one) as 10 to 10239 of it.
+std::pair<double, const char*> progress_unit(uint64_t done, uint64_t total) {
+  static constexpr std::array<const char*, 5> kUnits = {"B", "KiB", "MiB", "GiB", "TiB"};
+  const uint64_t ref = total > 0 ? total : done;
+  double div = 1;
+  size_t unit = 0;
+  while (static_cast<double>(ref) / div >= 10240.0 && unit + 1 < kUnits.size()) {
+    div *= 1024;
+    ++unit;
+  }
+  return {div, kUnits[unit]};
+}
+
+std::string format_amount(double value, int decimals) {
+  std::array<char, 32> buf{};
+  std::snprintf(buf.data(), buf.size(), "%.*f", decimals, value);
+  return buf.data();
+}
+}  // namespace
+
+std::string progress_bar(std::string_view label, size_t label_width, uint64_t done,
+                         uint64_t total) {
+  std::string name(label.substr(0, kMaxLabel));
+  name.resize(std::max(name.size(), std::min(label_width, kMaxLabel)), ' ');
+  const size_t cells =
+      total > 0 ? static_cast<size_t>(std::min(done, total) * kBarCells / total) : 0;
+  std::string out =
+      name + "  [" + std::string(cells, '#') + std::string(kBarCells - cells, '-') + "]  ";
+  const auto [div, unit] = progress_unit(done, total);
+  if (total == 0) {
+    if (done == 0) return out + "waiting";
+    return out + format_amount(static_cast<double>(done) / div, 1) + " " + unit;
+  }
+  const auto pct = static_cast<unsigned>(std::min(done, total) * 100 / total);
+  std::array<char, 8> p{};
+  std::snprintf(p.data(), p.size(), "%3u%%", pct);
+  return out + format_amount(static_cast<double>(done) / div, 1) + "/" +
+         format_amount(static_cast<double>(total) / div, 1) + " " + unit + "  " + p.data();
+}
+
+std::string progress_plain(std::string_view what, uint64_t done, uint64_t total) {
+  const auto [div, unit] = progress_unit(done, total);
+  std::string out = std::string(what) + ": " + format_amount(static_cast<double>(done) / div, 0);
+  if (total > 0) out += "/" + format_amount(static_cast<double>(total) / div, 0);
+  return out + " " + unit;
+}
+
+std::string redraw_lines(const std::vector<std::string>& lines, size_t drawn) {
+  std::string out;
+  if (drawn > 0) out += "\x1b[" + std::to_string(drawn) + "A";
+  for (const auto& l : lines) out += "\r" + l + "\x1b[K\n";
+  for (size_t i = lines.size(); i < drawn; ++i) out += "\r\x1b[K\n";
+  return out;
+}
+
+std::string erase_lines(size_t drawn) {
+  if (drawn == 0) return {};
+  return "\x1b[" + std::to_string(drawn) + "A\r\x1b[J";
+}
+
+bool PlainProgressGate::due(uint64_t done, uint64_t total, TimePoint now) {
+  if (done == 0 || done == last_done_) return false;
+  bool print = !last_time_ || now - *last_time_ >= std::chrono::seconds(5);
+  if (!print && total > 0) print = (done - std::min(done, last_done_)) * 10 >= total;
+  if (print) {
+    last_time_ = now;
+    last_done_ = done;
+  }
+  return print;
 }
 
 std::string event_line(const EventRow& e) {

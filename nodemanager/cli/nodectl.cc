@@ -1,6 +1,8 @@
 // nodectl: the operator's command line for nodemanagerd. See docs/cli.md.
 #include <fcntl.h>
+#include <unistd.h>
 
+#include <algorithm>
 #include <boost/program_options.hpp>
 #include <chrono>
 #include <cstdlib>
@@ -105,6 +107,7 @@ struct Verb {
   std::vector<std::string> positional;
   std::function<void(po::options_description&)> options;
   std::function<int(Context&, const Vars&)> run;
+  std::string rest = {};  // a positional taking every remaining argument (optional), if any
 };
 
 struct Noun {
@@ -142,6 +145,10 @@ std::optional<Vars> parse_verb(const Verb& verb, const Args& args, Globals* g) {
     hidden.add_options()(name.c_str(), po::value<std::string>());
     pos.add(name.c_str(), 1);
   }
+  if (!verb.rest.empty()) {
+    hidden.add_options()(verb.rest.c_str(), po::value<std::vector<std::string>>());
+    pos.add(verb.rest.c_str(), -1);
+  }
   po::options_description all;
   all.add(own).add(global_options(&late)).add(hidden);
   Vars vm;
@@ -166,18 +173,27 @@ std::optional<Vars> parse_verb(const Verb& verb, const Args& args, Globals* g) {
   return vm;
 }
 
-Result<std::string> read_spec(const std::string& path) {
+// Reads all of `path` ('-': stdin); errors name `option`.
+Result<std::string> read_input(const std::string& path, const std::string& option) {
   std::string text;
   if (path == "-") {
     text.assign(std::istreambuf_iterator<char>(std::cin), std::istreambuf_iterator<char>());
-    if (std::cin.bad()) return invalid_argument("-f: cannot read the spec from stdin");
+    if (std::cin.bad()) return invalid_argument(option + ": cannot read stdin");
     return text;
   }
   std::ifstream in(path, std::ios::binary);
-  if (!in) return invalid_argument("-f: cannot open '" + path + "'");
+  if (!in) return invalid_argument(option + ": cannot open '" + path + "'");
   text.assign(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
-  if (in.bad()) return invalid_argument("-f: cannot read '" + path + "'");
+  if (in.bad()) return invalid_argument(option + ": cannot read '" + path + "'");
   return text;
+}
+
+Result<std::string> read_spec(const std::string& path) {
+  return read_input(path, "-f");
+}
+
+std::vector<std::string> opts(const Vars& vm, const char* name) {
+  return vm.count(name) ? vm[name].as<std::vector<std::string>>() : std::vector<std::string>();
 }
 
 // Prints the answer of a job-starting verb, after waiting for the job when asked.
@@ -309,6 +325,29 @@ int network_show(Context& ctx, const Vars& vm) {
   return 0;
 }
 
+// ---- events ----
+
+constexpr uint32_t kEventPage = 1000;
+
+// Prints every event with seq > *last (in pages) and advances *last.
+Status print_events_since(Context& ctx, BusClient& client, uint64_t* last, bool lines,
+                          std::vector<EventRow>* collect) {
+  for (;;) {
+    NM_ASSIGN_OR_RETURN(EventPage page, client.get_events(*last, kEventPage));
+    for (auto& e : page.events) {
+      if (e.seq <= *last) continue;
+      *last = e.seq;
+      if (collect != nullptr) {
+        collect->push_back(std::move(e));
+      } else {
+        std::cout << (ctx.json() || lines ? event_json(e) : event_line(e)) << "\n";
+      }
+    }
+    std::cout << std::flush;
+    if (page.events.empty() || *last >= page.last_seq) return Status::ok();
+  }
+}
+
 // ---- image ----
 
 int image_import(Context& ctx, const Vars& vm) {
@@ -331,9 +370,244 @@ int image_list(Context& ctx, const Vars&) {
   if (!client) return ctx.fail(client.status());
   auto images = (*client)->list_images();
   if (!images) return ctx.fail(images.status());
-  std::cout << (ctx.json() ? image_list_json(*images) + "\n" : image_list_table(*images))
+  const auto now_us = static_cast<uint64_t>(std::chrono::duration_cast<std::chrono::microseconds>(
+                                                std::chrono::system_clock::now().time_since_epoch())
+                                                .count());
+  std::cout << (ctx.json() ? image_list_json(*images) + "\n" : image_list_table(*images, now_us))
             << std::flush;
   return 0;
+}
+
+// Shows the byte progress of running jobs on stderr while nodectl waits for them: a bar per job,
+// redrawn in place, on a terminal; otherwise a plain line now and then (PlainProgressGate).
+class ProgressDisplay {
+ public:
+  // `labels`: the bar's label of each job; `lines`: what its plain lines start with.
+  ProgressDisplay(std::vector<std::string> labels, std::vector<std::string> lines)
+      : terminal_(::isatty(STDERR_FILENO) == 1),
+        labels_(std::move(labels)),
+        lines_(std::move(lines)),
+        state_(labels_.size()),
+        gates_(labels_.size()) {
+    for (const auto& l : labels_) width_ = std::max(width_, l.size());
+  }
+  ProgressDisplay(const ProgressDisplay&) = delete;
+  ProgressDisplay& operator=(const ProgressDisplay&) = delete;
+  ~ProgressDisplay() { finish(); }
+
+  void update(size_t i, const JobProgress& p) {
+    if (i >= state_.size()) return;
+    state_[i] = p;
+    const auto now = std::chrono::steady_clock::now();
+    if (!terminal_) {
+      if (gates_[i].due(p.done, p.total, now)) {
+        std::cerr << progress_plain(lines_[i], p.done, p.total) << std::endl;
+      }
+      return;
+    }
+    if (drawn_ > 0 && now - last_draw_ < std::chrono::milliseconds(100)) return;
+    last_draw_ = now;
+    std::vector<std::string> bars;
+    bars.reserve(state_.size());
+    for (size_t j = 0; j < state_.size(); ++j) {
+      bars.push_back(progress_bar(labels_[j], width_, state_[j].done, state_[j].total));
+    }
+    std::cerr << redraw_lines(bars, drawn_) << std::flush;
+    drawn_ = std::max(drawn_, bars.size());
+  }
+
+  // Erases the bars (the results are printed after them).
+  void finish() {
+    if (drawn_ == 0) return;
+    std::cerr << erase_lines(drawn_) << std::flush;
+    drawn_ = 0;
+  }
+
+ private:
+  bool terminal_;
+  std::vector<std::string> labels_;
+  std::vector<std::string> lines_;
+  std::vector<JobProgress> state_;
+  std::vector<PlainProgressGate> gates_;
+  size_t width_ = 0;
+  size_t drawn_ = 0;
+  std::chrono::steady_clock::time_point last_draw_;
+};
+
+// A failed job's error as the daemon gave it (its message without the "job N ... failed" frame).
+Status job_error(const JobOutcome& o) {
+  Status s = job_status(o);
+  if (s.is_ok() || o.error_message.empty()) return s;
+  return {s.code(), o.error_message};
+}
+
+int image_pull(Context& ctx, const Vars& vm) {
+  std::vector<std::string> given = opts(vm, "image");
+  if (vm.count("from-file")) {
+    auto text = read_input(opt(vm, "from-file"), "--from-file");
+    if (!text) return ctx.fail(text.status());
+    for (auto& i : parse_image_list(*text)) given.push_back(std::move(i));
+  }
+  std::vector<std::string> images;
+  for (auto& i : given) {
+    if (std::find(images.begin(), images.end(), i) == images.end()) images.push_back(std::move(i));
+  }
+  if (images.empty()) {
+    return ctx.fail(invalid_argument(
+        "no image to pull: name them, or give --from-file; usage: nodectl image pull NAME:TAG "
+        "[NAME:TAG ...] [--from-file FILE|-] [--request-id ID] [--no-wait]"));
+  }
+  auto client = ctx.client();
+  if (!client) return ctx.fail(client.status());
+  BusClient& c = **client;
+  const bool wait = !flag(vm, "no-wait");
+  if (wait) {
+    if (Status s = c.watch_jobs(); !s) return ctx.fail(s);
+    if (Status s = c.watch_job_progress(); !s) return ctx.fail(s);
+  }
+  // Every pull is started before waiting for any: they run in parallel.
+  std::vector<PullOutcome> outcomes;
+  std::vector<std::string> jobs;
+  std::vector<size_t> job_of;  // index in `outcomes` of each job
+  for (const auto& image : images) {
+    auto job =
+        c.pull_image(image, per_image_request_id(opt(vm, "request-id"), image, images.size() > 1));
+    if (!job) {
+      outcomes.push_back({.image = image, .result = "failed", .error = job.status()});
+      continue;
+    }
+    outcomes.push_back({.image = image, .job_id = job_id_from_path(*job), .result = "queued"});
+    jobs.push_back(*job);
+    job_of.push_back(outcomes.size() - 1);
+  }
+  if (wait && !jobs.empty()) {
+    std::vector<std::string> labels;
+    std::vector<std::string> lines;
+    for (size_t i : job_of) {
+      labels.push_back(outcomes[i].image);
+      lines.push_back("pull " + outcomes[i].image);
+    }
+    ProgressDisplay display(labels, lines);
+    auto ended = c.wait_jobs(jobs, ctx.wait_deadline(),
+                             [&](size_t i, const JobProgress& p) { display.update(i, p); });
+    display.finish();
+    if (!ended) return ctx.fail(ended.status());
+    bool any_done = false;
+    for (size_t k = 0; k < jobs.size(); ++k) {
+      PullOutcome& o = outcomes[job_of[k]];
+      o.result = (*ended)[k].result;
+      o.error = job_error((*ended)[k]);
+      any_done = any_done || o.error.is_ok();
+    }
+    if (any_done) {
+      auto rows = c.list_images();
+      if (!rows) return ctx.fail(rows.status());
+      for (size_t k = 0; k < jobs.size(); ++k) {
+        PullOutcome& o = outcomes[job_of[k]];
+        if (!o.error.is_ok()) continue;
+        for (const auto& r : *rows) {
+          if (!r.ref.empty() && (r.ref == (*ended)[k].object_id || r.ref == o.image)) {
+            o.digest = r.digest;
+            o.size = r.size;
+          }
+        }
+      }
+    }
+  }
+  if (ctx.json()) {
+    std::cout << pull_results_json(outcomes) << std::endl;
+  } else {
+    for (const auto& o : outcomes) {
+      if (o.error.is_ok()) {
+        std::cout << pull_result_line(o) << "\n";
+      } else {
+        std::cerr << "nodectl: " << pull_result_line(o) << "\n";
+      }
+    }
+    std::cout << std::flush;
+    std::cerr << std::flush;
+  }
+  return pull_exit_code(outcomes);
+}
+
+int image_pin(Context& ctx, const Vars& vm, bool pinned) {
+  auto client = ctx.client();
+  if (!client) return ctx.fail(client.status());
+  const std::string image = opt(vm, "image");
+  if (Status s = (*client)->pin_image(image, pinned, opt(vm, "request-id")); !s) {
+    return ctx.fail(s);
+  }
+  if (ctx.json()) {
+    std::cout << image_pinned_json(image, pinned) << std::endl;
+  } else {
+    std::cout << (pinned ? "pinned '" : "unpinned '") << image << "'" << std::endl;
+  }
+  return 0;
+}
+
+int image_gc(Context& ctx, const Vars& vm) {
+  int64_t min_age = -1;
+  if (vm.count("min-age")) {
+    min_age = vm["min-age"].as<int64_t>();
+    if (min_age < 0) {
+      return ctx.fail(
+          invalid_argument("--min-age: must not be negative, got " + std::to_string(min_age)));
+    }
+  }
+  const bool dry_run = flag(vm, "dry-run");
+  auto client = ctx.client();
+  if (!client) return ctx.fail(client.status());
+  auto gc = (*client)->collect_images(min_age, dry_run);
+  if (!gc) return ctx.fail(gc.status());
+  std::cout << (ctx.json() ? image_gc_json(*gc, dry_run) + "\n" : image_gc_text(*gc, dry_run))
+            << std::flush;
+  return 0;
+}
+
+int image_verify(Context& ctx, const Vars& vm) {
+  auto client = ctx.client();
+  if (!client) return ctx.fail(client.status());
+  BusClient& c = **client;
+  if (Status s = c.watch_jobs(); !s) return ctx.fail(s);
+  if (Status s = c.watch_job_progress(); !s) return ctx.fail(s);
+  auto start = c.last_event_seq();
+  if (!start) return ctx.fail(start.status());
+  auto job = c.verify_images(opts(vm, "image"), opt(vm, "request-id"));
+  if (!job) return ctx.fail(job.status());
+  std::vector<JobOutcome> ended;
+  {
+    ProgressDisplay display({"verify"}, {"verify"});
+    auto r = c.wait_jobs({*job}, ctx.wait_deadline(),
+                         [&](size_t i, const JobProgress& p) { display.update(i, p); });
+    display.finish();
+    if (!r) return ctx.fail(r.status());
+    ended = std::move(*r);
+  }
+  const JobOutcome& outcome = ended.front();
+  // This run's ImageCorrupt and ImageVerified events come after `start`; a retried request id
+  // may answer with an older job, whose events come before it.
+  std::optional<VerifyReport> report;
+  for (uint64_t since : {*start, uint64_t{0}}) {
+    std::vector<EventRow> events;
+    if (Status s = print_events_since(ctx, c, &since, false, &events); !s) return ctx.fail(s);
+    report = verify_report_from_events(events, outcome.job_id);
+    if (report || *start == 0) break;
+  }
+  if (!report || (report->corrupt.empty() && !job_status(outcome).is_ok())) {
+    Status s = job_status(outcome);
+    if (s.is_ok()) {
+      s = internal_error("verify job " + std::to_string(outcome.job_id) +
+                         " ended, but its ImageVerified event is no longer in the event log");
+    }
+    ctx.fail(s);
+    return static_cast<int>(Exit::kFailure);
+  }
+  if (!report->corrupt.empty()) {
+    if (auto rows = c.list_images()) add_tags(*rows, &*report);
+  }
+  std::cout << (ctx.json() ? verify_report_json(*report) + "\n" : verify_report_text(*report))
+            << std::flush;
+  return report->corrupt.empty() ? static_cast<int>(Exit::kOk) : static_cast<int>(Exit::kFailure);
 }
 
 int image_rm(Context& ctx, const Vars& vm) {
@@ -347,29 +621,6 @@ int image_rm(Context& ctx, const Vars& vm) {
     std::cout << "removed '" << image << "'" << std::endl;
   }
   return 0;
-}
-
-// ---- events ----
-
-constexpr uint32_t kEventPage = 1000;
-
-// Prints every event with seq > *last (in pages) and advances *last.
-Status print_events_since(Context& ctx, BusClient& client, uint64_t* last, bool lines,
-                          std::vector<EventRow>* collect) {
-  for (;;) {
-    NM_ASSIGN_OR_RETURN(EventPage page, client.get_events(*last, kEventPage));
-    for (auto& e : page.events) {
-      if (e.seq <= *last) continue;
-      *last = e.seq;
-      if (collect != nullptr) {
-        collect->push_back(std::move(e));
-      } else {
-        std::cout << (ctx.json() || lines ? event_json(e) : event_line(e)) << "\n";
-      }
-    }
-    std::cout << std::flush;
-    if (page.events.empty() || *last >= page.last_seq) return Status::ok();
-  }
 }
 
 int events(Context& ctx, const Vars& vm) {
@@ -483,13 +734,77 @@ std::vector<Noun> commands() {
       .run = image_import};
   Verb ilist{.name = "list",
              .usage = "image list",
-             .summary = "List images (IMAGE DIGEST KIND FORMAT SIZE VSIZE TENANT).",
+             .summary =
+                 "List images (IMAGE DIGEST KIND FORMAT SIZE USERS LAST-USED PINNED): one row "
+                 "per tag, then one per cached blob no tag names (IMAGE '-').",
              .positional = {},
              .options = nullptr,
              .run = image_list};
+  Verb pull{.name = "pull",
+            .usage =
+                "image pull NAME:TAG [NAME:TAG ...] [--from-file FILE|-] [--request-id ID] "
+                "[--no-wait]",
+            .summary =
+                "Pull images from the node's shared image store into its cache, all in "
+                "parallel, and wait for them, showing their progress on stderr. Exit 0 when all "
+                "succeeded; when all failed with the same error, that error's exit code; else 1.",
+            .positional = {},
+            .options =
+                [](po::options_description& d) {
+                  d.add_options()("from-file", po::value<std::string>()->value_name("FILE|-"),
+                                  "also pull the images listed in FILE ('-': stdin), one per "
+                                  "line, '#' starts a comment")(
+                      "request-id", po::value<std::string>()->value_name("ID"),
+                      "idempotency key; with several images each gets ID:NAME:TAG")(
+                      "no-wait", po::bool_switch(), "print the jobs and return at once");
+                },
+            .run = image_pull,
+            .rest = "image"};
+  auto pin_verb = [](bool pinned) {
+    return Verb{
+        .name = pinned ? "pin" : "unpin",
+        .usage = pinned ? "image pin NAME:TAG|DIGEST [--request-id ID]"
+                        : "image unpin NAME:TAG|DIGEST [--request-id ID]",
+        .summary = pinned ? "Pin a cached image: garbage collection never removes it."
+                          : "Unpin a cached image: garbage collection may remove it again.",
+        .positional = {"image"},
+        .options =
+            [](po::options_description& d) {
+              d.add_options()("request-id", po::value<std::string>()->value_name("ID"),
+                              "idempotency key");
+            },
+        .run = [pinned](Context& ctx, const Vars& vm) { return image_pin(ctx, vm, pinned); }};
+  };
+  Verb gc{.name = "gc",
+          .usage = "image gc [--min-age SECONDS] [--dry-run]",
+          .summary =
+              "Remove the cached images that no VM uses, that are not pinned and were not used "
+              "for --min-age; prints what was removed and the bytes freed.",
+          .positional = {},
+          .options =
+              [](po::options_description& d) {
+                d.add_options()("min-age", po::value<int64_t>()->value_name("SECONDS"),
+                                "least time since last use (default: the daemon's "
+                                "image-gc-min-age)")("dry-run", po::bool_switch(),
+                                                     "only list what would be removed");
+              },
+          .run = image_gc};
+  Verb verify{.name = "verify",
+              .usage = "image verify [NAME:TAG|DIGEST ...] [--request-id ID]",
+              .summary =
+                  "Re-hash cached images (all when none is named), showing progress on stderr, "
+                  "and report the corrupt ones; exit 1 when any is corrupt.",
+              .positional = {},
+              .options =
+                  [](po::options_description& d) {
+                    d.add_options()("request-id", po::value<std::string>()->value_name("ID"),
+                                    "idempotency key");
+                  },
+              .run = image_verify,
+              .rest = "image"};
   Verb rm{.name = "rm",
           .usage = "image rm NAME:TAG|DIGEST [--request-id ID]",
-          .summary = "Remove an image; refused (exit 4) while a VM uses it.",
+          .summary = "Remove an image; refused (exit 4, naming the VMs) while a VM uses it.",
           .positional = {"image"},
           .options =
               [](po::options_description& d) {
@@ -557,7 +872,9 @@ std::vector<Noun> commands() {
       Noun{"network",
            "create, list, show and delete tenant networks",
            {ncreate, nlist, nshow, ndelete}},
-      Noun{"image", "import, list and remove images", {import, ilist, rm}},
+      Noun{"image",
+           "import, pull, list, pin, verify, collect and remove cached images",
+           {import, pull, ilist, pin_verb(true), pin_verb(false), verify, gc, rm}},
       Noun{"events", "print (and follow) the node's event log", {ev}},
   };
 }
