@@ -166,6 +166,14 @@ class Node:
                                (" ".join(argv), self.netns, p.returncode, p.stderr))
         return p
 
+    def mount_tmpfs(self, path, size):
+        """Mounts a tmpfs of `size` bytes on `path` (created if missing) in the node's mount
+        namespace only: the daemon (started after) sees it, this process sees the empty
+        directory under it (look inside with run("find", ...)). It goes with the holder."""
+        os.makedirs(path, exist_ok=True)
+        self.run("mount", "-t", "tmpfs", "-o", "size=%d,mode=0755" % size, "nm-it-tmpfs", path,
+                 check=True)
+
     def links(self):
         """The node's links as {ifname: `ip -j addr` entry} (with "addr_info", "operstate"...)."""
         out = self.run("ip", "-j", "addr", "show", check=True).stdout
