@@ -20,7 +20,7 @@ runtime_pkgs=(
 # systemd: busctl for the D-Bus tests (the package only; it does not become PID 1).
 test_pkgs=(
   libvirt-dbus busybox-static linux-image-cloud-amd64 cpio kmod python3 procps psmisc systemd
-  iperf3
+  iperf3 bash-completion
 )
 
 pkgs=()
