@@ -39,6 +39,9 @@ Result<ParseOutcome> parse_daemon_config(int argc, const char* const* argv, Daem
     ("image-gc-min-age", po::value(&c.image_gc_min_age_s)->default_value(c.image_gc_min_age_s), "seconds since its last use before an unused, unpinned image may be collected")
     ("image-gc-interval", po::value(&c.image_gc_interval_s)->default_value(c.image_gc_interval_s), "seconds between periodic image garbage collections; 0: never (nodectl image gc still works)")
     ("disk-reserve-mib", po::value(&c.disk_reserve_mib)->default_value(c.disk_reserve_mib), "CreateVm is refused while the instances filesystem has less than this free")
+    ("fabric-user", po::value(&c.fabric_user), "user (name or uid) of the fabric controller: may call every method")
+    ("fabric-group", po::value(&c.fabric_group)->default_value(c.fabric_group), "group (name or gid) whose members may call every method")
+    ("operators-group", po::value(&c.operators_group)->default_value(c.operators_group), "group (name or gid) whose members may read and drain")
     ("debug-job-delay-ms", po::value(&c.debug_job_delay_ms)->default_value(0), "testing only: pause between job steps");
   // clang-format on
   po::variables_map vm;

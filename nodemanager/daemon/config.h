@@ -43,6 +43,12 @@ struct DaemonConfig {
   uint64_t image_gc_interval_s = 3600;  // 0: no periodic collection
   // CreateVm is refused while the instances filesystem has less than this free.
   uint64_t disk_reserve_mib = 1024;
+  // Who may call (authz.h): root and the daemon's own user always; the fabric identity (a user
+  // and/or a group; names or numbers) may change state; the operators group may read and drain.
+  // A default group missing on the host grants nothing (a warning); a configured one is an error.
+  std::string fabric_user;
+  std::string fabric_group = "nodemanager";
+  std::string operators_group = "nodemanager-operators";
 };
 
 enum class ParseOutcome { kRun, kExitOk };

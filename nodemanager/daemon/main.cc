@@ -39,6 +39,27 @@ int fail(const std::shared_ptr<spdlog::logger>& log, const std::string& what, co
   return kExitStartup;
 }
 
+// Who may call: root and this process's user, the fabric identity, the operators group.
+nm::Result<nm::AuthzPolicy> authz_policy(const nm::DaemonConfig& cfg,
+                                         const std::shared_ptr<spdlog::logger>& log) {
+  nm::AuthzPolicy p = nm::DbusServer::default_policy();
+  NM_ASSIGN_OR_RETURN(p.fabric_uid, nm::resolve_user(cfg.fabric_user, "fabric-user"));
+  const nm::DaemonConfig defaults;
+  auto group = [&](const std::string& value, const std::string& fallback,
+                   const char* field) -> nm::Result<std::optional<uint32_t>> {
+    auto gid = nm::resolve_group(value, field);
+    if (!gid.is_ok() && gid.status().code() == nm::Code::kNotFound && value == fallback) {
+      log->warn("{}; nobody gets that role", gid.status().message());
+      return std::optional<uint32_t>();
+    }
+    return gid;
+  };
+  NM_ASSIGN_OR_RETURN(p.fabric_gid, group(cfg.fabric_group, defaults.fabric_group, "fabric-group"));
+  NM_ASSIGN_OR_RETURN(p.operators_gid,
+                      group(cfg.operators_group, defaults.operators_group, "operators-group"));
+  return p;
+}
+
 int run(const nm::DaemonConfig& cfg) {
   auto log = nm::logger("daemon");
   log->info("nodemanagerd {} starting: bus '{}', libvirt '{}', state '{}'", NM_VERSION, cfg.bus,
@@ -159,7 +180,9 @@ int run(const nm::DaemonConfig& cfg) {
     }
   } stop_jobs{*service, workers, **dhcp};
 
-  auto server = nm::DbusServer::create(ev, cfg.bus, *service);
+  auto policy = authz_policy(cfg, log);
+  if (!policy.is_ok()) return fail(log, "resolving the callers' identities", policy.status());
+  auto server = nm::DbusServer::create(ev, cfg.bus, *service, *policy);
   if (!server.is_ok()) return fail(log, "connecting to the bus", server.status());
 
   log->info("domain type '{}'",

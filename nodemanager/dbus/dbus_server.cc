@@ -2,6 +2,7 @@
 
 #include <fcntl.h>
 #include <systemd/sd-bus.h>
+#include <unistd.h>
 
 #include <cerrno>
 #include <charconv>
@@ -12,9 +13,11 @@
 #include <nlohmann/json.hpp>
 #include <optional>
 #include <string>
+#include <unordered_map>
 #include <utility>
 #include <vector>
 
+#include "authz.h"
 #include "event_loop_internal.h"
 #include "nm/core/fs.h"
 #include "nm/core/log.h"
@@ -45,7 +48,13 @@ struct StrvDeleter {
     std::free(v);
   }
 };
+struct CredsDeleter {
+  void operator()(sd_bus_creds* c) const { sd_bus_creds_unref(c); }
+};
 using BusPtr = std::unique_ptr<sd_bus, BusDeleter>;
+using CredsPtr = std::unique_ptr<sd_bus_creds, CredsDeleter>;
+// Senders whose credentials are kept; the cache starts over when full.
+constexpr size_t kMaxCachedCallers = 4096;
 using SlotPtr = std::unique_ptr<sd_bus_slot, SlotDeleter>;
 using MessagePtr = std::unique_ptr<sd_bus_message, MessageDeleter>;
 using CString = std::unique_ptr<char, FreeDeleter>;
@@ -115,9 +124,13 @@ std::string dbus_error_name(Code code) {
 }
 
 struct DbusServer::Impl {
-  explicit Impl(NodeService& s) : service(s) {}
+  Impl(NodeService& s, const AuthzPolicy& p) : service(s), policy(p) {}
 
   NodeService& service;
+  const AuthzPolicy policy;
+  // Credentials per sender (unique names are never reused on a bus); dropped when the sender
+  // leaves the bus (NameOwnerChanged).
+  std::unordered_map<std::string, Caller> callers;
   std::shared_ptr<spdlog::logger> log = nm::logger("dbus");
   BusPtr bus;                  // declared before the slots: released after them
   std::vector<SlotPtr> slots;  // vtables, object manager, enumerators
@@ -137,6 +150,101 @@ struct DbusServer::Impl {
     return sd_bus_reply_method_return(m, "o", job_object_path(*job).c_str());
   }
 
+  // The credentials of the message's sender as the bus daemon reports them (cached per sender).
+  Result<Caller> caller_of(sd_bus_message* m) {
+    const char* sender = sd_bus_message_get_sender(m);
+    if (sender == nullptr) return Status(Code::kAccessDenied, "the caller has no bus name");
+    if (auto it = callers.find(sender); it != callers.end()) return it->second;
+    sd_bus_creds* raw = nullptr;
+    const int r = sd_bus_query_sender_creds(
+        m, SD_BUS_CREDS_EUID | SD_BUS_CREDS_EGID | SD_BUS_CREDS_SUPPLEMENTARY_GIDS, &raw);
+    CredsPtr creds(raw);
+    if (r < 0) return bus_status(r, "query the credentials of '" + std::string(sender) + "'");
+    Caller caller;
+    uid_t uid = 0;
+    if (sd_bus_creds_get_euid(creds.get(), &uid) < 0) {
+      return Status(Code::kAccessDenied, "the bus does not report the uid of the caller");
+    }
+    caller.uid = uid;
+    gid_t gid = 0;
+    if (sd_bus_creds_get_egid(creds.get(), &gid) >= 0) caller.gids.push_back(gid);
+    const gid_t* gids = nullptr;
+    const int n = sd_bus_creds_get_supplementary_gids(creds.get(), &gids);
+    for (int i = 0; i < n; ++i) caller.gids.push_back(gids[i]);
+    // dbus-daemon knows the groups (SO_PEERGROUPS) but sd-bus only takes them from /proc, which
+    // races with pid reuse: ask the bus itself.
+    NM_ASSIGN_OR_RETURN(auto bus_gids, bus_group_ids(sender));
+    caller.gids.insert(caller.gids.end(), bus_gids.begin(), bus_gids.end());
+    if (callers.size() >= kMaxCachedCallers) callers.clear();
+    callers.emplace(sender, caller);
+    return caller;
+  }
+
+  // UnixGroupIDs of GetConnectionCredentials: all groups of the peer as the bus daemon saw them
+  // when it connected. Empty when the bus does not report them.
+  Result<std::vector<uint32_t>> bus_group_ids(const char* sender) {
+    sd_bus_error error{};  // SD_BUS_ERROR_NULL
+    sd_bus_message* raw = nullptr;
+    int r = sd_bus_call_method(bus.get(), "org.freedesktop.DBus", "/org/freedesktop/DBus",
+                               "org.freedesktop.DBus", "GetConnectionCredentials", &error, &raw,
+                               "s", sender);
+    MessagePtr reply(raw);
+    sd_bus_error_free(&error);
+    if (r < 0) return bus_status(r, "GetConnectionCredentials of '" + std::string(sender) + "'");
+    std::vector<uint32_t> out;
+    r = sd_bus_message_enter_container(reply.get(), 'a', "{sv}");
+    while (r > 0) {
+      r = sd_bus_message_enter_container(reply.get(), 'e', "sv");
+      if (r <= 0) break;
+      const char* key = nullptr;
+      r = sd_bus_message_read(reply.get(), "s", &key);
+      if (r >= 0 && key != nullptr && std::string_view(key) == "UnixGroupIDs") {
+        r = sd_bus_message_enter_container(reply.get(), 'v', "au");
+        const void* data = nullptr;
+        size_t size = 0;
+        if (r >= 0) r = sd_bus_message_read_array(reply.get(), 'u', &data, &size);
+        if (r >= 0) {
+          const auto* ids = static_cast<const uint32_t*>(data);
+          out.assign(ids, ids + size / sizeof(uint32_t));
+          r = sd_bus_message_exit_container(reply.get());
+        }
+      } else if (r >= 0) {
+        r = sd_bus_message_skip(reply.get(), "v");
+      }
+      if (r >= 0) r = sd_bus_message_exit_container(reply.get());
+      if (r >= 0) r = 1;
+    }
+    if (r < 0) return bus_status(r, "parse GetConnectionCredentials");
+    return out;
+  }
+
+  // Whether the sender of `m` may call it; logs the decision (denials as warnings).
+  Status authorize_call(sd_bus_message* m) {
+    const char* iface = sd_bus_message_get_interface(m);
+    const std::string_view member = member_of(m);
+    const Access needed = access_of(iface != nullptr ? iface : "", member);
+    auto caller = caller_of(m);
+    if (!caller.is_ok()) {
+      log->warn("denied {} ({}): {}", member, access_name(needed), caller.status().message());
+      return {Code::kAccessDenied, caller.status().message()};
+    }
+    const Decision d = authorize(policy, *caller, needed);
+    const char* sender = sd_bus_message_get_sender(m);
+    if (!d.allowed) {
+      log->warn("denied {} ({}) to uid {} ({})", member, access_name(needed), caller->uid,
+                sender != nullptr ? sender : "?");
+      return {Code::kAccessDenied, "uid " + std::to_string(caller->uid) + " may not call " +
+                                       std::string(member) + " (needs " +
+                                       std::string(access_name(needed)) + " access)"};
+    }
+    if (needed == Access::kRead) {
+      log->debug("allowed {} to uid {} as {}", member, caller->uid, d.role);
+    } else {
+      log->info("allowed {} to uid {} as {}", member, caller->uid, d.role);
+    }
+    return Status::ok();
+  }
+
   // Runs a method body; an exception becomes an Internal error reply and one log line.
   template <typename F>
   static int guard_method(void* userdata, sd_bus_message* m, F&& body) noexcept {
@@ -146,7 +254,8 @@ struct DbusServer::Impl {
     ++self->in_method;
     int r = 0;
     try {
-      r = body(*self);
+      const Status allowed = self->authorize_call(m);
+      r = allowed.is_ok() ? body(*self) : self->reply_error(m, allowed);
     } catch (const std::exception& e) {
       self->log->error("{} threw: {}", member_of(m), e.what());
       r = internal_error_reply(m);
@@ -173,6 +282,11 @@ struct DbusServer::Impl {
                             F&& body) noexcept {
     auto* self = static_cast<Impl*>(userdata);
     try {
+      // Property reads come through org.freedesktop.DBus.Properties (or GetManagedObjects).
+      if (sd_bus_message* m = sd_bus_get_current_message(self->bus.get()); m != nullptr) {
+        const Status allowed = self->authorize_call(m);
+        if (!allowed.is_ok()) return set_error(error, allowed);
+      }
       return body(*self);
     } catch (const std::exception& e) {
       self->log->error("reading property {} threw: {}", property, e.what());
@@ -495,13 +609,10 @@ struct DbusServer::Impl {
     return guard_method(ud, m, [m](Impl& self) {
       char** raw_images = nullptr;
       int r = sd_bus_message_read_strv(m, &raw_images);
+      const Strv owned(raw_images);
       if (r < 0) return r;
       std::vector<std::string> images;
-      for (char** p = raw_images; p != nullptr && *p != nullptr; ++p) {
-        images.emplace_back(*p);
-        free(*p);  // NOLINT(cppcoreguidelines-no-malloc): sd-bus allocates with malloc
-      }
-      free(raw_images);  // NOLINT(cppcoreguidelines-no-malloc)
+      for (char** p = owned.get(); p != nullptr && *p != nullptr; ++p) images.emplace_back(*p);
       const char* request_id = nullptr;
       r = sd_bus_message_read(m, "s", &request_id);
       if (r < 0) return r;
@@ -706,6 +817,8 @@ struct DbusServer::Impl {
   }
 
   Status register_objects();
+  // Forgets the credentials of senders that left the bus (NameOwnerChanged of unique names).
+  Status watch_senders();
 };
 
 namespace {
@@ -713,6 +826,27 @@ namespace {
 constexpr uint64_t kConst = SD_BUS_VTABLE_PROPERTY_CONST;
 constexpr uint64_t kEmits = SD_BUS_VTABLE_PROPERTY_EMITS_CHANGE;
 }  // namespace
+
+Status DbusServer::Impl::watch_senders() {
+  sd_bus_slot* slot = nullptr;
+  const int r = sd_bus_match_signal(
+      bus.get(), &slot, "org.freedesktop.DBus", "/org/freedesktop/DBus", "org.freedesktop.DBus",
+      "NameOwnerChanged",
+      [](sd_bus_message* m, void* ud, sd_bus_error*) noexcept -> int {
+        const char* name = nullptr;
+        const char* old_owner = nullptr;
+        const char* new_owner = nullptr;
+        if (sd_bus_message_read(m, "sss", &name, &old_owner, &new_owner) < 0) return 0;
+        if (name != nullptr && name[0] == ':' && new_owner != nullptr && new_owner[0] == '\0') {
+          static_cast<Impl*>(ud)->callers.erase(name);
+        }
+        return 0;
+      },
+      this);
+  if (r < 0) return bus_status(r, "subscribe to NameOwnerChanged");
+  slots.emplace_back(slot);
+  return Status::ok();
+}
 
 Status DbusServer::Impl::register_objects() {
   static const sd_bus_vtable kManagerVtable[] = {
@@ -842,8 +976,8 @@ DbusServer::~DbusServer() {
 }
 
 Result<std::unique_ptr<DbusServer>> DbusServer::create(SdEventLoop& loop, const std::string& bus,
-                                                       NodeService& service) {
-  auto impl = std::make_unique<Impl>(service);
+                                                       NodeService& service, AuthzPolicy policy) {
+  auto impl = std::make_unique<Impl>(service, policy);
   sd_bus* raw = nullptr;
   if (bus == "system" || bus == "session") {
     const int r = bus == "system" ? sd_bus_open_system(&raw) : sd_bus_open_user(&raw);
@@ -866,9 +1000,16 @@ Result<std::unique_ptr<DbusServer>> DbusServer::create(SdEventLoop& loop, const 
   r = sd_bus_set_exit_on_disconnect(impl->bus.get(), 1);
   if (r < 0) return bus_status(r, "set exit-on-disconnect");
   NM_RETURN_IF_ERROR(impl->register_objects());
+  NM_RETURN_IF_ERROR(impl->watch_senders());
   std::unique_ptr<DbusServer> server(new DbusServer(std::move(impl)));
   service.set_observer(server.get());
   return server;
+}
+
+AuthzPolicy DbusServer::default_policy() {
+  AuthzPolicy p;
+  p.self_uid = ::geteuid();
+  return p;
 }
 
 Status DbusServer::request_name(std::string_view name) {

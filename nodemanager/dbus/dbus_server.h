@@ -24,6 +24,7 @@
 #include <string>
 #include <string_view>
 
+#include "authz.h"
 #include "event_loop.h"
 #include "nm/core/status.h"
 #include "nm/node_service.h"
@@ -56,8 +57,13 @@ class DbusServer final : public ServiceObserver {
   // exit_code() EXIT_FAILURE: a daemon without its bus cannot serve, so it exits and its
   // service manager restarts it.
   // Unavailable when the bus cannot be reached.
+  // Every method call and property read is authorized from the caller's credentials (authz.h:
+  // `policy`; the default lets only root and the daemon's own user in) and the decision logged.
   static Result<std::unique_ptr<DbusServer>> create(SdEventLoop& loop, const std::string& bus,
-                                                    NodeService& service);
+                                                    NodeService& service,
+                                                    AuthzPolicy policy = default_policy());
+  // Root and the daemon's effective user.
+  static AuthzPolicy default_policy();
 
   // Detaches from the service (set_observer(nullptr)), releases every slot, then flushes queued
   // messages and closes the connection. Loop thread (or after the loop ended).

@@ -49,6 +49,7 @@ BUS_CONFIG = """<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Config
   <type>session</type>
   <listen>unix:path={socket}</listen>
   <policy context="default">
+    <allow user="*"/>
     <allow send_destination="*" eavesdrop="true"/>
     <allow eavesdrop="true"/>
     <allow own="*"/>
@@ -321,6 +322,20 @@ class Node:
         argv += list(args)
         proc = subprocess.run(argv, input=input, capture_output=True, text=True,
                               timeout=timeout, env=env)
+        return NodectlResult(list(args), proc)
+
+    def nodectl_as(self, uid, gid, groups, *args, timeout=60):
+        """nodectl run as another user (setpriv: uid, gid and exactly `groups`), from a copy of
+        the binary in the node's temp dir so that any user can execute it."""
+        copy = os.path.join(self.tmp, "nodectl-any")
+        if not os.path.exists(copy):
+            shutil.copy(self.nodectl_bin, copy)
+            os.chmod(copy, 0o755)
+        group_args = ["--groups", ",".join(str(g) for g in groups)] if groups else \
+            ["--clear-groups"]
+        argv = ["setpriv", "--reuid", str(uid), "--regid", str(gid)] + group_args + \
+            [copy, "--bus", self.address, "--json"] + list(args)
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, cwd="/")
         return NodectlResult(list(args), proc)
 
     def spawn_nodectl(self, *args):
