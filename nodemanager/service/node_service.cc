@@ -169,6 +169,9 @@ struct Job {
   std::function<void()> revert;
   bool cancellable_while_running = true;
   double last_progress_posted = 0.0;
+  // The structured log fields of the request that queued it, plus the job id and its object:
+  // set on the worker while the job runs and on the loop while it finishes.
+  LogFields log_fields;
   std::optional<PowerIntent> intent;               // start/stop requests: the power they ask for
   PowerIntent prev_power = PowerIntent::kStopped;  // the desired power before that request
 };
@@ -242,6 +245,8 @@ class NodeServiceImpl final : public NodeService {
                                   std::string_view request_id) override {
     NM_ASSIGN_OR_RETURN(auto rid, parse_request_id(request_id));
     NM_ASSIGN_OR_RETURN(VmSpec spec, parse_vm_spec(spec_json));
+    const ScopedLogFields fields(
+        {{log_field::kTenant, spec.tenant.str()}, {log_field::kRequestId, request_id}});
     const std::string fingerprint = vm_spec_to_json(spec);
     NM_ASSIGN_OR_RETURN(auto replayed, replay(rid, "CreateVm", fingerprint));
     if (replayed) {
@@ -274,6 +279,7 @@ class NodeServiceImpl final : public NodeService {
     NM_RETURN_IF_ERROR(admit_disk());
 
     vm.id = spec.id ? *spec.id : generate_vm_id();
+    const ScopedLogFields vm_field({{log_field::kVmId, vm.id.str()}});
     NM_ASSIGN_OR_RETURN(std::vector<PortRecord> ports, allocate_ports(vm.id, spec));
     vm.spec = std::move(spec);
     vm.spec.id = vm.id;
@@ -331,6 +337,9 @@ class NodeServiceImpl final : public NodeService {
     NM_ASSIGN_OR_RETURN(auto replayed, replay(rid, "RebootVm", fingerprint));
     if (replayed) return replayed->at("job_id").get<uint32_t>();
     NM_ASSIGN_OR_RETURN(VmRecord * vm, find_vm(ref));
+    const ScopedLogFields fields({{log_field::kVmId, vm->id.str()},
+                                  {log_field::kTenant, vm->spec.tenant.str()},
+                                  {log_field::kRequestId, request_id}});
     if (vm->deleting) return conflict("vm '" + vm->spec.name.str() + "' is being deleted");
     uint32_t job_id = 0;
     std::vector<EventRecord> events;
@@ -350,6 +359,9 @@ class NodeServiceImpl final : public NodeService {
     NM_ASSIGN_OR_RETURN(auto replayed, replay(rid, "DeleteVm", fingerprint));
     if (replayed) return replayed->at("job_id").get<uint32_t>();
     NM_ASSIGN_OR_RETURN(VmRecord * vm, find_vm(ref));
+    const ScopedLogFields fields({{log_field::kVmId, vm->id.str()},
+                                  {log_field::kTenant, vm->spec.tenant.str()},
+                                  {log_field::kRequestId, request_id}});
     std::vector<EventRecord> events;
     if (vm->deleting) {
       if (auto job = find_job(vm->id.str(), "delete")) {
@@ -414,6 +426,8 @@ class NodeServiceImpl final : public NodeService {
                                 std::string_view request_id) override {
     NM_ASSIGN_OR_RETURN(auto rid, parse_request_id(request_id));
     NM_ASSIGN_OR_RETURN(ImageRef ref, ImageRef::parse(image, "image"));
+    const ScopedLogFields fields(
+        {{log_field::kImage, ref.str()}, {log_field::kRequestId, request_id}});
     std::string digest_text(sha256);
     if (digest_text.rfind("sha256:", 0) != 0) digest_text = "sha256:" + digest_text;
     NM_ASSIGN_OR_RETURN(Digest digest, Digest::parse(digest_text, "sha256"));
@@ -520,6 +534,8 @@ class NodeServiceImpl final : public NodeService {
   Result<uint32_t> pull_image(std::string_view image, std::string_view request_id) override {
     NM_ASSIGN_OR_RETURN(auto rid, parse_request_id(request_id));
     NM_ASSIGN_OR_RETURN(ImageRef ref, ImageRef::parse(image, "image"));
+    const ScopedLogFields fields(
+        {{log_field::kImage, ref.str()}, {log_field::kRequestId, request_id}});
     if (opt_.image_sources.empty()) {
       return unavailable("image-source: no shared image store is configured on this node");
     }
@@ -676,6 +692,9 @@ class NodeServiceImpl final : public NodeService {
                                   std::string_view request_id) override {
     NM_ASSIGN_OR_RETURN(auto rid, parse_request_id(request_id));
     NM_ASSIGN_OR_RETURN(network::NetworkSpec spec, network::parse_network_spec(spec_json));
+    const ScopedLogFields fields({{log_field::kNetwork, spec.name.str()},
+                                  {log_field::kTenant, spec.tenant.str()},
+                                  {log_field::kRequestId, request_id}});
     const std::string fingerprint = network::network_spec_to_json(spec);
     NM_ASSIGN_OR_RETURN(auto replayed, replay(rid, "CreateNetwork", fingerprint));
     if (replayed) return replayed->at("job_id").get<uint32_t>();
@@ -718,6 +737,8 @@ class NodeServiceImpl final : public NodeService {
   Result<uint32_t> delete_network(std::string_view name, std::string_view request_id) override {
     NM_ASSIGN_OR_RETURN(auto rid, parse_request_id(request_id));
     NM_RETURN_IF_ERROR(NetworkName::parse(name, "name").status());
+    const ScopedLogFields fields(
+        {{log_field::kNetwork, name}, {log_field::kRequestId, request_id}});
     const std::string fingerprint(name);
     NM_ASSIGN_OR_RETURN(auto replayed, replay(rid, "DeleteNetwork", fingerprint));
     if (replayed) return replayed->at("job_id").get<uint32_t>();
@@ -1259,6 +1280,9 @@ class NodeServiceImpl final : public NodeService {
     NM_ASSIGN_OR_RETURN(auto replayed, replay(rid, method, fingerprint));
     if (replayed) return replayed->at("job_id").get<uint32_t>();
     NM_ASSIGN_OR_RETURN(VmRecord * vm, find_vm(ref));
+    const ScopedLogFields fields({{log_field::kVmId, vm->id.str()},
+                                  {log_field::kTenant, vm->spec.tenant.str()},
+                                  {log_field::kRequestId, request_id}});
     if (vm->deleting) return conflict("vm '" + vm->spec.name.str() + "' is being deleted");
     const PowerIntent prev_power = vm->power;
     VmRecord next = *vm;
@@ -1689,6 +1713,19 @@ class NodeServiceImpl final : public NodeService {
     q.push_back(id);
     const bool head = q.size() == 1;
     touch(job->key);
+    {
+      const std::string job_id = std::to_string(id);
+      const std::string& kind = job->view.kind;
+      const std::string& object = job->view.object_id;
+      const bool image = kind == "import" || kind == "pull";
+      const bool network = kind.rfind("network-", 0) == 0;
+      const bool vm = !image && !network && kind != "verify";
+      const ScopedLogFields scope({{log_field::kJobId, job_id},
+                                   {log_field::kImage, image ? object : ""},
+                                   {log_field::kNetwork, network ? object : ""},
+                                   {log_field::kVmId, vm ? object : ""}});
+      job->log_fields = LogFields::current();
+    }
     auto& stored = jobs_.emplace(id, std::move(job)).first->second;
     if (observer_) observer_->on_job_added(stored->view);
     if (head) run(id);
@@ -1698,23 +1735,26 @@ class NodeServiceImpl final : public NodeService {
     Job& job = *jobs_.at(id);
     job.view.state = JobState::kRunning;
     if (observer_) observer_->on_job_changed(job.view);
-    d_.workers.submit([this, id, ctx = job.ctx, work = job.work, alive = alive_] {
-      Status s;
-      try {
-        s = work(*ctx);
-      } catch (const std::exception& e) {
-        s = internal_error(std::string("job threw: ") + e.what());
-      }
-      d_.loop.post([this, id, s, alive] {
-        if (*alive) complete(id, s);
-      });
-    });
+    d_.workers.submit(
+        [this, id, ctx = job.ctx, work = job.work, fields = job.log_fields, alive = alive_] {
+          const ScopedLogFields scope(fields);
+          Status s;
+          try {
+            s = work(*ctx);
+          } catch (const std::exception& e) {
+            s = internal_error(std::string("job threw: ") + e.what());
+          }
+          d_.loop.post([this, id, s, alive] {
+            if (*alive) complete(id, s);
+          });
+        });
   }
 
   void complete(uint32_t id, const Status& s) {
     auto it = jobs_.find(id);
     if (it == jobs_.end()) return;
     Job& job = *it->second;
+    const ScopedLogFields scope(job.log_fields);
     const bool cancelled = job.ctx->cancelled.load();
     const bool saw_events = job.ctx->seen() > 0;
     const std::string key = job.key;

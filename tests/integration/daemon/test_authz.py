@@ -121,6 +121,8 @@ class AuthzTestCase(NodeTestCase):
         log = self.node.daemon_log()
         self.assertIn("allowed CreateVm to uid %d as fabric" % NOBODY, log)
         self.assertIn("allowed DeleteVm to uid %d as fabric" % fabric_uid(), log)
+        # Structured fields: outside systemd they close each line (the journal gets NM_* fields).
+        self.assertRegex(log, r"created, job \d+ \[tenant=contoso vm=[0-9a-f-]{36}\]")
 
 
 class AuthzConfigTest(unittest.TestCase):
