@@ -10,9 +10,10 @@
 #
 # It builds what is missing (packaging/install-deps.sh + the default CMake preset; both do nothing
 # when everything is in place), starts a private dbus-daemon and nodemanagerd with a temporary
-# state directory, then drives everything with nodectl: imports images, creates a tenant network
-# for each of two tenants (same subnet, isolated), creates two VMs on them, starts them, lists them, shows one, stops and deletes one, prints the event stream and
-# shuts down cleanly. Everything it started is stopped and its temp files removed on exit, also
+# state directory, then drives everything with nodectl: pulls images from a shared directory
+# store (and imports one local file), creates a tenant network for each of two tenants (same
+# subnet, isolated), creates two VMs on them, starts them, lists them, shows one, stops and
+# deletes one, prints the event stream and shuts down cleanly. Everything it started is stopped and its temp files removed on exit, also
 # on failure or Ctrl-C.
 #
 # NM_BUILD_DIR selects the build directory (default: ./build, the default preset's).
@@ -124,13 +125,24 @@ else
   host() { "$@"; }
 fi
 
+# The shared image store: what an image service publishes, one manifest per name:tag.
+store="$tmp/store"
+mkdir -p "$store/blobs/sha256"
+publish() {  # NAME FILE SHA256 KIND
+  mkdir -p "$store/$1"
+  cp "$2" "$store/blobs/sha256/$3"
+  printf '{"digest": "sha256:%s", "size": %s, "format": "raw", "kind": "%s"}\n' \
+    "$3" "$(stat -c %s "$2")" "$4" >"$store/$1/1.json"
+}
+
 step "Start nodemanagerd on $uri with state in $state"
-note "nodemanagerd --bus $bus --libvirt-uri $uri ${extra[*]:+${extra[*]} }--state-dir $state --runtime-dir $tmp/run"
+note "nodemanagerd --bus $bus --libvirt-uri $uri ${extra[*]:+${extra[*]} }--state-dir $state --runtime-dir $tmp/run --image-source dir:$store"
 if [ -n "$netns" ]; then
   note "(inside network namespace '$netns': its own bridges, nft table and DHCP servers)"
 fi
 "${launch[@]}" "$nodemanagerd" --config /dev/null --bus "$bus" --libvirt-uri "$uri" "${extra[@]}" \
-  --state-dir "$state" --runtime-dir "$tmp/run" </dev/null >"$tmp/nodemanagerd.log" 2>&1 &
+  --state-dir "$state" --runtime-dir "$tmp/run" --image-source "dir:$store" \
+  </dev/null >"$tmp/nodemanagerd.log" 2>&1 &
 daemon_pid=$!
 for _ in $(seq 100); do
   "$nodectl" --bus "$bus" vm list >/dev/null 2>&1 && break
@@ -139,17 +151,26 @@ for _ in $(seq 100); do
 done
 note "nodemanagerd (pid $daemon_pid) owns org.nodemanager.NodeManager1"
 
-step "Import images (verified against their SHA-256, stored by digest)"
+step "Pull images from the shared image store (a directory here; NFS or http:// in production)"
+note "store: $store/<name>/<tag>.json manifests, $store/blobs/sha256/<digest> blobs"
 if [ "$real" = 1 ]; then
+  pulls=()
   while read -r kind path sha; do
-    show image import "demo-$kind:1" "$path" --sha256 "$sha" --kind "$kind" --wait
+    publish "demo-$kind" "$path" "$sha" "$kind"
+    pulls+=("demo-$kind:1")
   done <<<"$guest_out"
+  show image pull "${pulls[@]}"
 else
   disk="$tmp/demo-disk.raw"
   truncate -s 16M "$disk"
   printf 'NMDISK demo disk\n' | dd of="$disk" conv=notrunc status=none
-  show image import demo-disk:1 "$disk" --sha256 "$(sha256sum "$disk" | cut -d' ' -f1)" \
-    --kind disk --wait
+  publish demo-disk "$disk" "$(sha256sum "$disk" | cut -d' ' -f1)" disk
+  show image pull demo-disk:1
+  step "Import a local file too (verified against its SHA-256 while copying)"
+  printf 'NMDISK scratch\n' >"$tmp/scratch.raw"
+  truncate -s 1M "$tmp/scratch.raw"
+  show image import scratch:1 "$tmp/scratch.raw" \
+    --sha256 "$(sha256sum "$tmp/scratch.raw" | cut -d' ' -f1)" --kind disk --wait
 fi
 show image list
 
