@@ -453,11 +453,21 @@ class DirImageStore final : public ImageStore {
         NM_RETURN_IF_ERROR(s);
       } else {
         Status s = join(*flight, progress, cancel);
-        // The leader's own cancellation is not an outcome of the transfer: try again.
-        if (s.code() == Code::kConflict && s.message() == kLeaderCancelled) continue;
+        // The leader's own cancellation is not an outcome of the transfer: try again. This
+        // caller's cancellation is (join() answers the same status for both).
+        if (s.code() == Code::kConflict && s.message() == kLeaderCancelled &&
+            (cancel == nullptr || !cancel->load())) {
+          continue;
+        }
         NM_RETURN_IF_ERROR(s);
       }
       std::lock_guard lock(mu_);
+      if (!leader) {
+        // The leader checked the bytes against its manifest; this caller's manifest may differ
+        // in kind or format for the same digest.
+        NM_ASSIGN_OR_RETURN(ImageInfo cached, read_meta_locked(m.digest));
+        NM_RETURN_IF_ERROR(check_cached_locked(ref, m, source, cached));
+      }
       NM_ASSIGN_OR_RETURN(ImageInfo info, tag_pulled_locked(ref, m));
       return PullResult{std::move(info), leader, !leader, source};
     }
@@ -660,13 +670,29 @@ class DirImageStore final : public ImageStore {
                                   const std::atomic<bool>* cancel) {
     const std::string what = "image '" + ref.str() + "' from '" + source.describe() + "'";
     NM_ASSIGN_OR_RETURN(const FsSpace space, filesystem_space((root_ / "tmp").string()));
-    const uint64_t free_bytes = space.available_bytes;
-    if (free_bytes < m.size || free_bytes - m.size < options_.reserve_bytes) {
-      return Status(Code::kInsufficientCapacity,
-                    "image cache '" + root_.string() + "' has " + std::to_string(free_bytes) +
-                        " bytes free; " + what + " needs " + std::to_string(m.size) +
-                        " plus a reserve of " + std::to_string(options_.reserve_bytes));
+    // Pulls that are still writing count as used: parallel pulls cannot together overrun it.
+    // (Between the capacity check and the write, the space may still be taken by others.)
+    uint64_t free_bytes = 0;
+    {
+      std::lock_guard lock(mu_);
+      free_bytes = space.available_bytes - std::min(space.available_bytes, in_flight_bytes_);
+      if (free_bytes < m.size || free_bytes - m.size < options_.reserve_bytes) {
+        return Status(Code::kInsufficientCapacity,
+                      "image cache '" + root_.string() + "' has " + std::to_string(free_bytes) +
+                          " bytes free (after pulls in progress); " + what + " needs " +
+                          std::to_string(m.size) + " plus a reserve of " +
+                          std::to_string(options_.reserve_bytes));
+      }
+      in_flight_bytes_ += m.size;
     }
+    struct Release {
+      DirImageStore* self;
+      uint64_t bytes;
+      ~Release() {
+        std::lock_guard lock(self->mu_);
+        self->in_flight_bytes_ -= bytes;
+      }
+    } release{this, m.size};
     const auto no_space = [&] {
       return Status(Code::kInsufficientCapacity,
                     "image cache '" + root_.string() + "' ran out of space while pulling " + what);
@@ -902,6 +928,9 @@ class DirImageStore final : public ImageStore {
   // Guards tags/, meta/, blob publication and removal, and flights_.
   mutable std::mutex mu_;
   std::map<std::string, std::shared_ptr<Flight>> flights_;  // by digest
+  // Sizes of the blobs being transferred now. Counted whole against the free space while they
+  // are written (conservative: the part already written is counted twice).
+  uint64_t in_flight_bytes_ = 0;
   std::atomic<uint64_t> next_tmp_{0};
 };
 

@@ -109,6 +109,12 @@ Result<ParseOutcome> parse_daemon_config(int argc, const char* const* argv, Daem
   for (const auto& src : c.image_sources) {
     if (src.empty()) return invalid_argument("image-source: must not be empty");
   }
+  if (c.image_gc_min_age_s > uint64_t{100} * 366 * 24 * 3600) {
+    return invalid_argument("image-gc-min-age: must be at most a century (3162240000 seconds)");
+  }
+  if (c.image_gc_interval_s > uint64_t{366} * 24 * 3600) {
+    return invalid_argument("image-gc-interval: must be at most a year (31622400 seconds)");
+  }
   if (c.image_gc_interval_s > 0 && c.image_gc_interval_s < 10) {
     return invalid_argument("image-gc-interval: must be 0 (off) or at least 10 seconds");
   }

@@ -37,6 +37,9 @@ Access access_of(std::string_view interface, std::string_view member) {
   if (interface == "org.freedesktop.DBus.Properties" && (member == "Get" || member == "GetAll")) {
     return Access::kRead;
   }
+  if (interface == "org.freedesktop.DBus.ObjectManager" && member == "GetManagedObjects") {
+    return Access::kRead;
+  }
   return Access::kMutate;
 }
 

@@ -276,14 +276,24 @@ struct DbusServer::Impl {
                                       "internal error, see the node's log");
   }
 
+  static bool is_property_read(sd_bus_message* m) {
+    return sd_bus_message_is_method_call(m, "org.freedesktop.DBus.Properties", "Get") > 0 ||
+           sd_bus_message_is_method_call(m, "org.freedesktop.DBus.Properties", "GetAll") > 0 ||
+           sd_bus_message_is_method_call(m, "org.freedesktop.DBus.ObjectManager",
+                                         "GetManagedObjects") > 0;
+  }
+
   // Runs a property getter body; an exception becomes an Internal error.
   template <typename F>
   static int guard_property(void* userdata, const char* property, sd_bus_error* error,
                             F&& body) noexcept {
     auto* self = static_cast<Impl*>(userdata);
     try {
-      // Property reads come through org.freedesktop.DBus.Properties (or GetManagedObjects).
-      if (sd_bus_message* m = sd_bus_get_current_message(self->bus.get()); m != nullptr) {
+      // A caller reads properties with Properties.Get/GetAll or GetManagedObjects: authorize
+      // those. Getters also run while a method's signals are built (PropertiesChanged after
+      // CreateVm, say): that method was authorized already, and signals are not replies.
+      if (sd_bus_message* m = sd_bus_get_current_message(self->bus.get());
+          m != nullptr && is_property_read(m)) {
         const Status allowed = self->authorize_call(m);
         if (!allowed.is_ok()) return set_error(error, allowed);
       }

@@ -4,6 +4,7 @@
 #include <atomic>
 #include <condition_variable>
 #include <deque>
+#include <future>
 #include <map>
 #include <mutex>
 #include <nlohmann/json.hpp>
@@ -45,8 +46,11 @@ std::string vm_record_to_json(const VmRecord& vm, const std::vector<PortRecord>&
       {"created_us", vm.created_us},
       {"updated_us", vm.updated_us},
   };
-  if (vm.kernel_digest) j["kernel_digest"] = vm.kernel_digest->str();
-  if (vm.initrd_digest) j["initrd_digest"] = vm.initrd_digest->str();
+  const auto digest_text = [](const Digest& d) {
+    return d == VmRecord{}.image_digest ? std::string() : d.str();
+  };
+  if (vm.kernel_digest) j["kernel_digest"] = digest_text(*vm.kernel_digest);
+  if (vm.initrd_digest) j["initrd_digest"] = digest_text(*vm.initrd_digest);
   if (!ports.empty()) {
     json arr = json::array();
     for (const auto& p : ports) {
@@ -517,6 +521,11 @@ class NodeServiceImpl final : public NodeService {
       return conflict("image '" + std::string(image) + "' is in use by VMs " +
                       quoted_list(u->second));
     }
+    for (const auto& d : leased_digests()) {
+      if (d == info.digest.str()) {
+        return conflict("image '" + std::string(image) + "' is being used by a VM being created");
+      }
+    }
     NM_RETURN_IF_ERROR(d_.images.remove(image));
     std::vector<EventRecord> events;
     NM_RETURN_IF_ERROR(commit(
@@ -593,6 +602,9 @@ class NodeServiceImpl final : public NodeService {
                                 bool dry_run) override {
     const auto age = min_age.value_or(opt_.image_gc_min_age);
     if (age.count() < 0) return invalid_argument("min_age: must not be negative");
+    // Ages beyond a century mean "never": keeps the microsecond product far from overflow.
+    constexpr int64_t kCenturySeconds = int64_t{100} * 366 * 24 * 3600;
+    if (age.count() > kCenturySeconds) return GcPlan{};
     std::unordered_set<std::string> in_use;
     for (const auto& [digest, users] : image_users()) in_use.insert(digest);
     for (const auto& d : leased_digests()) in_use.insert(d);
@@ -619,15 +631,15 @@ class NodeServiceImpl final : public NodeService {
   Result<uint32_t> verify_images(const std::vector<std::string>& images,
                                  std::string_view request_id) override {
     NM_ASSIGN_OR_RETURN(auto rid, parse_request_id(request_id));
-    std::vector<Digest> digests;
     std::string fingerprint;
+    for (const auto& image : images) fingerprint += image + "\n";
+    NM_ASSIGN_OR_RETURN(auto replayed, replay(rid, "VerifyImages", fingerprint));
+    if (replayed) return replayed->at("job_id").get<uint32_t>();
+    std::vector<Digest> digests;
     for (const auto& image : images) {
       NM_ASSIGN_OR_RETURN(ImageInfo info, d_.images.resolve(image));
       digests.push_back(info.digest);
-      fingerprint += image + "\n";
     }
-    NM_ASSIGN_OR_RETURN(auto replayed, replay(rid, "VerifyImages", fingerprint));
-    if (replayed) return replayed->at("job_id").get<uint32_t>();
     if (images.empty()) {
       for (const BlobInfo& b : d_.images.list_blobs()) digests.push_back(b.info.digest);
     }
@@ -1394,6 +1406,35 @@ class NodeServiceImpl final : public NodeService {
     return local;
   }
 
+  // Worker side: commits the digests a job resolved for a VM's pending images into its record,
+  // and waits for that commit. Gives up (the commit may still happen) when the job is cancelled,
+  // which is also how shutdown ends the wait once the loop no longer runs.
+  Status record_resolved(const VmId& id, const std::shared_ptr<ResolvedImages>& resolved,
+                         JobContext& ctx) {
+    auto done = std::make_shared<std::promise<Status>>();
+    std::future<Status> result = done->get_future();
+    d_.loop.post([this, id, resolved, done, alive = alive_] {
+      if (!*alive) return done->set_value(unavailable("nodemanagerd is stopping"));
+      auto it = vms_.find(id.str());
+      if (it == vms_.end()) return done->set_value(not_found("vm '" + id.str() + "' is gone"));
+      VmRecord next = it->second;
+      apply_resolved(next, *resolved);
+      if (next == it->second) return done->set_value(Status::ok());
+      next.updated_us = d_.clock.now_realtime_us();
+      std::vector<EventRecord> none;
+      const Status s = commit([&](StateTxn& txn) { return txn.put_vm(next); }, none);
+      if (s.is_ok()) {
+        it->second = next;
+        if (observer_) observer_->on_vm_changed(it->second);
+      }
+      done->set_value(s);
+    });
+    while (result.wait_for(std::chrono::milliseconds(100)) != std::future_status::ready) {
+      if (ctx.cancelled) return cancelled_status();
+    }
+    return result.get();
+  }
+
   // Worker side: makes sure the VM's overlay and domain exist. With `fresh_disk`, a leftover
   // overlay is replaced (a create that never finished); otherwise an existing one is kept.
   Status ensure_defined(const DefineInput& in, bool fresh_disk, JobContext& ctx) {
@@ -1429,6 +1470,11 @@ class NodeServiceImpl final : public NodeService {
       NM_ASSIGN_OR_RETURN(
           initrd, image_for(*in.initrd, in.spec.initrd_image.value_or(""), in, ImageKind::kInitrd,
                             "spec.initrd_image", ctx, resolved.initrd, leases));
+    }
+    // The database names the blobs before anything is built on them: from here on GC and
+    // RemoveImage see the VM as their user, also across a crash.
+    if (resolved.image || resolved.kernel || resolved.initrd) {
+      NM_RETURN_IF_ERROR(record_resolved(in.id, in.resolved, ctx));
     }
     // The port's rules and lease exist before the domain can send its first frame.
     NM_RETURN_IF_ERROR(attach_ports(in.ports));
@@ -1486,8 +1532,13 @@ class NodeServiceImpl final : public NodeService {
     };
     const VmId vm_id = vm.id;
     const uint64_t gen = vm.generation;
-    job->finish = [this, vm_id, gen, fresh_disk, resolved = in.resolved](const Status& s,
-                                                                         bool cancelled) {
+    // A VM whose images were never resolved has nothing built yet (digests are recorded before
+    // the overlay): if its images cannot be had, its create is undone like a fresh one.
+    const bool never_built = is_pending(vm.image_digest) ||
+                             (vm.kernel_digest && is_pending(*vm.kernel_digest)) ||
+                             (vm.initrd_digest && is_pending(*vm.initrd_digest));
+    job->finish = [this, vm_id, gen, fresh_disk, never_built, resolved = in.resolved](
+                      const Status& s, bool cancelled) {
       for (const auto& [ref, pulled] : resolved->pulls) record_pulled(ref, pulled);
       with_vm(vm_id, [&](VmRecord& v) {
         if (s.is_ok()) {
@@ -1496,7 +1547,7 @@ class NodeServiceImpl final : public NodeService {
                          n.observed_generation = std::max(n.observed_generation, gen);
                          apply_resolved(n, *resolved);
                        });
-        } else if (fresh_disk && (cancelled || resolved->failed)) {
+        } else if ((fresh_disk && cancelled) || ((fresh_disk || never_built) && resolved->failed)) {
           // A create whose image could not be pulled changes nothing: the VM goes again.
           undo_create(v, cancelled ? "create cancelled" : s.message());
         } else {

@@ -90,6 +90,21 @@ class AuthzTestCase(NodeTestCase):
                                  text=True, cwd="/")
         self.assertEqual(allowed.returncode, 0, allowed)
         self.assertIn("stopped", allowed.stdout)
+        # GetManagedObjects is a read too: every VM with its properties for an operator, nothing
+        # for a stranger.
+        managed = ["busctl", "--address=" + self.node.address, "--json=short", "call",
+                   "org.nodemanager.NodeManager1", "/org/nodemanager/NodeManager1",
+                   "org.freedesktop.DBus.ObjectManager", "GetManagedObjects"]
+        ok = subprocess.run(["setpriv", "--reuid", str(NOBODY), "--regid", str(NOGROUP),
+                             "--groups", str(OPERATORS_GID)] + managed, capture_output=True,
+                            text=True, cwd="/")
+        self.assertEqual(ok.returncode, 0, ok)
+        self.assertIn(vm["id"], ok.stdout)
+        refused = subprocess.run(["setpriv", "--reuid", str(NOBODY), "--regid", str(NOGROUP),
+                                  "--clear-groups"] + managed, capture_output=True, text=True,
+                                 cwd="/")
+        self.assertNotEqual(refused.returncode, 0, refused)
+        self.assertNotIn(vm["id"], refused.stdout)
 
     def test_operators_read_but_cannot_change_anything(self):
         self.import_image()

@@ -32,6 +32,7 @@ TEST(AuthzTest, MethodsAreClassifiedAndUnknownOnesNeedMutate) {
   EXPECT_EQ(access_of("org.freedesktop.DBus.Properties", "Get"), Access::kRead);
   EXPECT_EQ(access_of("org.freedesktop.DBus.Properties", "GetAll"), Access::kRead);
   EXPECT_EQ(access_of("org.freedesktop.DBus.Properties", "Set"), Access::kMutate);
+  EXPECT_EQ(access_of("org.freedesktop.DBus.ObjectManager", "GetManagedObjects"), Access::kRead);
   // A read method name on another interface is not a read.
   EXPECT_EQ(access_of("org.example.Other", "ListVms"), Access::kMutate);
 }

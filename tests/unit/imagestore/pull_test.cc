@@ -60,6 +60,10 @@ class CountingSource final : public ImageSource {
     std::lock_guard lock(mu_);
     return fetches_;
   }
+  int manifests() const {
+    std::lock_guard lock(mu_);
+    return manifests_;
+  }
 
  private:
   std::unique_ptr<ImageSource> inner_;
@@ -436,6 +440,74 @@ TEST_F(PullTest, AJoinerSeesProgressAndItsCancelStopsOnlyItsWait) {
     EXPECT_EQ(cancelled->status().message(), "pull cancelled");
   }
   EXPECT_TRUE(store_->resolve("debian:12").is_ok());
+}
+
+TEST_F(PullTest, AJoinerThatCancelsReturnsWhileTheTransferGoesOn) {
+  const std::string data = pattern_bytes(2 * kMiB, 'w');
+  shared_->put_image("debian:12", data);
+  // Two pulls ask for the manifest; the leader's fetch waits for a third request, which the test
+  // makes itself once the joiner has given up.
+  source_->hold_fetch_until_manifests(3);
+  std::atomic<bool> cancel_joiner{false};
+  std::atomic<bool> joiner_done{false};
+  std::optional<Result<PullResult>> leader;
+  std::optional<Result<PullResult>> joiner;
+  std::thread a([&] { leader = pull("debian:12"); });
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+  while (source_->fetches() < 1 && std::chrono::steady_clock::now() < deadline) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  }
+  ASSERT_EQ(source_->fetches(), 1);
+  std::thread b([&] {
+    joiner = pull("debian:12", nullptr, nullptr, &cancel_joiner);
+    joiner_done = true;
+  });
+  while (source_->manifests() < 2 && std::chrono::steady_clock::now() < deadline) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  }
+  std::this_thread::sleep_for(std::chrono::milliseconds(50));  // the joiner waits in the flight
+  cancel_joiner = true;
+  while (!joiner_done && std::chrono::steady_clock::now() < deadline) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  }
+  EXPECT_TRUE(joiner_done.load()) << "the cancelled joiner kept waiting for the transfer";
+  EXPECT_FALSE(leader.has_value());                                  // still held in fetch()
+  ASSERT_TRUE(source_->manifest(ImageRef{"debian", "12"}).is_ok());  // the third: leader goes
+  a.join();
+  b.join();
+  ASSERT_TRUE(leader->is_ok()) << leader->status().to_string();
+  ASSERT_FALSE(joiner->is_ok());
+  EXPECT_EQ(joiner->status().message(), "pull cancelled");
+  EXPECT_EQ(source_->fetches(), 1);
+}
+
+TEST_F(PullTest, PullsInProgressCountAgainstTheFreeSpace) {
+  // Two different images that each fit, but not both: the reserve leaves room for one and a half.
+  const std::string a = pattern_bytes(64 * kMiB, 'a');
+  const std::string b = pattern_bytes(64 * kMiB, 'b');
+  shared_->put_image("first:1", a);
+  shared_->put_image("second:1", b);
+  const auto space = filesystem_space(root_.string());
+  ASSERT_TRUE(space.is_ok());
+  ASSERT_GT(space->available_bytes, 256 * kMiB);
+  reopen(space->available_bytes - 96 * kMiB);
+  source_->hold_fetch_until_manifests(2);  // the first transfer waits for the second pull
+  std::optional<Result<PullResult>> first;
+  std::thread t([&] { first = pull("first:1"); });
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+  while (source_->fetches() < 1 && std::chrono::steady_clock::now() < deadline) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  }
+  ASSERT_EQ(source_->fetches(), 1);
+  const auto second = pull("second:1");  // its manifest request releases the first
+  t.join();
+  ASSERT_TRUE(first->is_ok()) << first->status().to_string();
+  ASSERT_FALSE(second.is_ok());
+  EXPECT_EQ(second.status().code(), Code::kInsufficientCapacity) << second.status().to_string();
+  EXPECT_NE(second.status().message().find("pulls in progress"), std::string::npos);
+  EXPECT_EQ(store_->resolve("second:1").status().code(), Code::kNotFound);
+  EXPECT_EQ(count_entries(root_ / "tmp"), 0u);
+  EXPECT_EQ(count_entries(root_ / "sha256"), 1u);  // the first image only
 }
 
 TEST_F(PullTest, ALeaderThatCancelsLeavesNothingAndItsJoinersTakeOver) {

@@ -690,6 +690,40 @@ TEST_F(NodeServiceImageTest, AFailedPullFailsTheCreateAndLeavesNoVm) {
   EXPECT_TRUE(hv_.list_domains()->empty());
 }
 
+TEST_F(NodeServiceImageTest, APulledDigestIsRecordedBeforeTheDiskIsBuiltOnIt) {
+  // The domain cannot be defined, after the overlay was made on the pulled blob: the record must
+  // still name that blob, so that neither RemoveImage nor GC can take it from under the disk.
+  hv_.fail_next("define_domain", unavailable("libvirt said no"));
+  auto r = service_->create_vm(spec_on("web-1", "remote:1"), "");
+  ASSERT_TRUE(r.is_ok()) << r.status().to_string();
+  EXPECT_EQ(wait(r->job_id).result, "failed");
+  ASSERT_TRUE(settle());
+  const auto pulled = images_->resolve("remote:1");
+  ASSERT_TRUE(pulled.is_ok());
+  ASSERT_TRUE(service_->get_vm("web-1").is_ok());
+  EXPECT_EQ(service_->get_vm("web-1")->image_digest, pulled->digest);
+  // The tag moves on; the old blob still belongs to the VM.
+  source_.add("remote:1", std::string(4096, 'n'));
+  wait_done(*service_->pull_image("remote:1", ""));
+  EXPECT_EQ(service_->remove_image(pulled->digest.str(), "").code(), Code::kConflict);
+  auto gc = service_->collect_images(0s, false);
+  ASSERT_TRUE(gc.is_ok());
+  for (const auto& c : gc->remove) EXPECT_NE(c.digest, pulled->digest);
+  EXPECT_TRUE(images_->resolve(pulled->digest.str()).is_ok());
+}
+
+TEST_F(NodeServiceImageTest, APendingCreateInterruptedByARestartIsUndoneWhenItsPullFails) {
+  source_.corrupt("remote:1");
+  auto r = service_->create_vm(spec_on("web-1", "remote:1"), "");
+  ASSERT_TRUE(r.is_ok());
+  // The daemon goes away before the job's outcome is recorded.
+  open_service();
+  ASSERT_TRUE(settle());
+  EXPECT_EQ(service_->get_vm("web-1").status().code(), Code::kNotFound);
+  EXPECT_TRUE(hv_.list_domains()->empty());
+  EXPECT_EQ(images_->resolve("remote:1").status().code(), Code::kNotFound);
+}
+
 TEST_F(NodeServiceImageTest, AnImageMissingEverywhereIsRefusedAtOnceOrByTheJob) {
   // Not in any source: the create job fails, nothing stays.
   auto r = service_->create_vm(spec_on("web-1", "nope:1"), "");
