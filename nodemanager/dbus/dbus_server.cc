@@ -171,8 +171,8 @@ struct DbusServer::Impl {
     const gid_t* gids = nullptr;
     const int n = sd_bus_creds_get_supplementary_gids(creds.get(), &gids);
     for (int i = 0; i < n; ++i) caller.gids.push_back(gids[i]);
-    // dbus-daemon knows the groups (SO_PEERGROUPS) but sd-bus only takes them from /proc, which
-    // races with pid reuse: ask the bus itself.
+    // For a dbus-daemon peer sd-bus reports no groups (it could only read them from /proc, which
+    // races with pid reuse); dbus-daemon knows them (SO_PEERGROUPS): ask the bus itself.
     NM_ASSIGN_OR_RETURN(auto bus_gids, bus_group_ids(sender));
     caller.gids.insert(caller.gids.end(), bus_gids.begin(), bus_gids.end());
     if (callers.size() >= kMaxCachedCallers) callers.clear();
