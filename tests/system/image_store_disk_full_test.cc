@@ -16,6 +16,7 @@
 #include "nm/core/fs.h"
 #include "nm/imagestore/image_source.h"
 #include "nm/imagestore/image_store.h"
+#include "unit/imagestore/test_support.h"
 
 namespace nm {
 namespace {
@@ -24,33 +25,10 @@ namespace fs = std::filesystem;
 
 constexpr uint64_t kMiB = uint64_t{1} << 20;
 
-std::string pattern_bytes(size_t n, char seed) {
-  std::string s(n, '\0');
-  for (size_t i = 0; i < n; ++i) s[i] = static_cast<char>(seed + static_cast<char>(i % 251));
-  return s;
-}
-
-std::string sha256_hex(const std::string& data) {
-  std::array<unsigned char, EVP_MAX_MD_SIZE> md{};
-  unsigned int len = 0;
-  EVP_Digest(data.data(), data.size(), md.data(), &len, EVP_sha256(), nullptr);
-  static constexpr char kHex[] = "0123456789abcdef";
-  std::string out;
-  for (unsigned int i = 0; i < len; ++i) {
-    out.push_back(kHex[md[i] >> 4]);
-    out.push_back(kHex[md[i] & 0x0f]);
-  }
-  return out;
-}
-
-void write_bytes(const fs::path& p, const std::string& data) {
-  fs::create_directories(p.parent_path());
-  std::ofstream(p, std::ios::binary).write(data.data(), static_cast<std::streamsize>(data.size()));
-}
-
-size_t count_entries(const fs::path& dir) {
-  return static_cast<size_t>(std::distance(fs::directory_iterator(dir), fs::directory_iterator{}));
-}
+using test::count_entries;
+using test::pattern_bytes;
+using test::sha256_hex;
+using test::write_bytes;
 
 // A directory source that runs `after_first_chunk` once, after delivering the first chunk.
 class HookedSource final : public ImageSource {

@@ -15,41 +15,17 @@
 #include <vector>
 
 #include "nm/core/fs.h"
+#include "test_support.h"
 
 namespace nm {
 namespace {
 
 namespace fs = std::filesystem;
 
-class FakeClock final : public Clock {
- public:
-  uint64_t now_realtime_us() const override { return now_us.fetch_add(1000); }
-  std::chrono::steady_clock::time_point now_monotonic() const override {
-    return std::chrono::steady_clock::time_point{};
-  }
-  mutable std::atomic<uint64_t> now_us{1'700'000'000'000'000};
-};
-
-std::string sha256_hex(const std::string& data) {
-  std::array<unsigned char, EVP_MAX_MD_SIZE> md{};
-  unsigned int len = 0;
-  EVP_Digest(data.data(), data.size(), md.data(), &len, EVP_sha256(), nullptr);
-  std::string out;
-  for (unsigned int i = 0; i < len; ++i) {
-    static constexpr char kHex[] = "0123456789abcdef";
-    out.push_back(kHex[md[i] >> 4]);
-    out.push_back(kHex[md[i] & 0x0f]);
-  }
-  return out;
-}
-
-Digest digest_of(const std::string& data) {
-  return Digest::trusted("sha256:" + sha256_hex(data));
-}
-
-ImageRef image_ref(const std::string& text) {
-  return *ImageRef::parse(text, "ref");
-}
+using test::digest_of;
+using test::FakeClock;
+using test::image_ref;
+using test::sha256_hex;
 
 void put_be32(std::string& b, size_t off, uint32_t v) {
   for (size_t i = 0; i < 4; ++i) b[off + i] = static_cast<char>((v >> (24 - 8 * i)) & 0xff);
