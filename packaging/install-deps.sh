@@ -11,7 +11,7 @@ build_pkgs=(
   clang libclang-rt-14-dev clang-format clang-tidy
   libvirt-dev libsystemd-dev libboost-program-options-dev libspdlog-dev libfmt-dev
   libgtest-dev libgmock-dev libbenchmark-dev libsqlite3-dev nlohmann-json3-dev
-  libnl-route-3-dev libnftables-dev libssl-dev libcurl4-openssl-dev
+  libnl-route-3-dev libnftables-dev libssl-dev libcurl4-openssl-dev file
 )
 runtime_pkgs=(
   libvirt-daemon-system libvirt-clients qemu-system-x86 qemu-utils
@@ -20,7 +20,7 @@ runtime_pkgs=(
 # systemd: busctl for the D-Bus tests (the package only; it does not become PID 1).
 test_pkgs=(
   libvirt-dbus busybox-static linux-image-cloud-amd64 cpio kmod python3 procps psmisc systemd
-  iperf3 bash-completion
+  iperf3 bash-completion groff-base man-db
 )
 
 pkgs=()

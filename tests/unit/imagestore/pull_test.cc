@@ -418,12 +418,20 @@ TEST_F(PullTest, AJoinerSeesProgressAndItsCancelStopsOnlyItsWait) {
   std::optional<Result<PullResult>> leader;
   std::optional<Result<PullResult>> joiner;
   std::optional<Result<PullResult>> cancelled;
+  // The leader is in fetch() (held until all three asked for the manifest) before the others
+  // start, so the pull that cancels can only be a joiner (a cancelled leader would make the
+  // others transfer again, by design).
   std::thread a([&] { leader = pull("debian:12"); });
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+  while (source_->fetches() < 1 && std::chrono::steady_clock::now() < deadline) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  }
+  ASSERT_EQ(source_->fetches(), 1);
+  cancel_joiner = true;
   std::thread b([&] {
     joiner = pull("debian:12", nullptr, [&](uint64_t done, uint64_t) { joiner_bytes = done; });
   });
   std::thread c([&] { cancelled = pull("debian:12", nullptr, nullptr, &cancel_joiner); });
-  cancel_joiner = true;
   a.join();
   b.join();
   c.join();
