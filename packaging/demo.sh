@@ -66,6 +66,9 @@ cleanup() {
       virsh -q -c qemu:///system pool-undefine "$pool" >/dev/null 2>&1
     fi
     [ -f "$NM_SERVICES_STATE" ] && bash "$root/tests/lib/stop-services.sh"
+    # The daemon ran in this host's network namespace: its (now empty) anti-spoofing table
+    # stays after its networks were deleted; it is the demo's to remove.
+    nft delete table bridge nodemanager 2>/dev/null
   fi
   if [ -n "$bus_pid" ] && kill -0 "$bus_pid" 2>/dev/null; then
     kill -TERM "$bus_pid"
