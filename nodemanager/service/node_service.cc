@@ -29,6 +29,22 @@ std::string serial_log_path(const ServiceOptions& options, const VmId& id) {
   return options.instances_dir + "/" + id.str() + ".serial.log";
 }
 
+namespace {
+
+// A VM's image digest before its create job pulled the image (the spec's tag was not cached):
+// the record's default, all zeros.
+bool is_pending(const Digest& d) {
+  static const Digest kPending = VmRecord{}.image_digest;
+  return d == kPending;
+}
+
+// How a record's digest reads in JSON: "" while pending.
+std::string digest_text(const Digest& d) {
+  return is_pending(d) ? std::string() : d.str();
+}
+
+}  // namespace
+
 std::string vm_record_to_json(const VmRecord& vm, const std::vector<PortRecord>& ports) {
   json j = {
       {"id", vm.id.str()},
@@ -42,12 +58,9 @@ std::string vm_record_to_json(const VmRecord& vm, const std::vector<PortRecord>&
       {"generation", vm.generation},
       {"observed_generation", vm.observed_generation},
       // "" while the create job is still pulling the image (all-zero digest in the record)
-      {"image_digest", vm.image_digest == VmRecord{}.image_digest ? "" : vm.image_digest.str()},
+      {"image_digest", digest_text(vm.image_digest)},
       {"created_us", vm.created_us},
       {"updated_us", vm.updated_us},
-  };
-  const auto digest_text = [](const Digest& d) {
-    return d == VmRecord{}.image_digest ? std::string() : d.str();
   };
   if (vm.kernel_digest) j["kernel_digest"] = digest_text(*vm.kernel_digest);
   if (vm.initrd_digest) j["initrd_digest"] = digest_text(*vm.initrd_digest);
@@ -95,13 +108,6 @@ std::string network_record_to_json(const NetworkRecord& n, const std::vector<Por
 namespace {
 
 constexpr uint64_t kGiB = 1ull << 30;
-
-// A VM's image digest before its create job pulled the image (the spec's tag was not cached):
-// the record's default, all zeros.
-bool is_pending(const Digest& d) {
-  static const Digest kPending = VmRecord{}.image_digest;
-  return d == kPending;
-}
 
 std::string observed_state(DomainState s) {
   switch (s) {
@@ -463,14 +469,8 @@ class NodeServiceImpl final : public NodeService {
     job->key = "image:" + ref.str();
     auto fd = std::make_shared<UniqueFd>(std::move(data));
     job->work = [this, ref, digest, kind, tenant, fd, job_id](JobContext& ctx) -> Status {
-      auto progress = [this, job_id, alive = alive_](uint64_t done, uint64_t total) {
-        if (total == 0) return;
-        const double p = static_cast<double>(done) / static_cast<double>(total);
-        d_.loop.post([this, job_id, p, alive] {
-          if (*alive) set_progress(job_id, p);
-        });
-      };
-      auto r = d_.images.import(ref, fd->get(), digest, kind, tenant, progress, &ctx.cancelled);
+      auto r = d_.images.import(ref, fd->get(), digest, kind, tenant, byte_progress(job_id),
+                                &ctx.cancelled);
       return r.status();
     };
     job->finish = [this, ref, digest](const Status& s, bool) {
@@ -656,21 +656,25 @@ class NodeServiceImpl final : public NodeService {
     job->key = "images-verify";
     auto results = std::make_shared<std::vector<VerifyResult>>();
     job->work = [this, digests, job_id, results](JobContext& ctx) -> Status {
+      std::vector<uint64_t> sizes;
       uint64_t total = 0;
       for (const auto& d : digests) {
-        if (auto info = d_.images.resolve(d.str()); info.is_ok()) total += info->size;
+        auto info = d_.images.resolve(d.str());
+        sizes.push_back(info.is_ok() ? info->size : 0);
+        total += sizes.back();
       }
       uint64_t before = 0;
       const ProgressFn progress = byte_progress(job_id);
-      for (const auto& d : digests) {
+      for (size_t i = 0; i < digests.size(); ++i) {
         auto r = d_.images.verify(
-            d, [&](uint64_t done, uint64_t) { progress(before + done, total); }, &ctx.cancelled);
+            digests[i], [&](uint64_t done, uint64_t) { progress(before + done, total); },
+            &ctx.cancelled);
         if (ctx.cancelled) return cancelled_status();
         if (!r.is_ok()) {
           if (r.status().code() == Code::kNotFound) continue;  // removed meanwhile
           return r.status();
         }
-        if (auto info = d_.images.resolve(d.str()); info.is_ok()) before += info->size;
+        before += sizes[i];
         results->push_back(std::move(r).value());
       }
       std::string bad;
@@ -1022,7 +1026,8 @@ class NodeServiceImpl final : public NodeService {
   ProgressFn byte_progress(uint32_t id) {
     auto last = std::make_shared<uint64_t>(0);
     return [this, id, last, alive = alive_](uint64_t done, uint64_t total) {
-      const uint64_t step = total / 100 + 1;
+      // Unknown totals (an import from a pipe): every 16 MiB.
+      const uint64_t step = total != 0 ? total / 100 + 1 : uint64_t{16} << 20;
       if (done < total && done - std::min(done, *last) < step) return;
       *last = done;
       d_.loop.post([this, id, done, total, alive] {
