@@ -156,8 +156,7 @@ struct DbusServer::Impl {
     if (sender == nullptr) return Status(Code::kAccessDenied, "the caller has no bus name");
     if (auto it = callers.find(sender); it != callers.end()) return it->second;
     sd_bus_creds* raw = nullptr;
-    const int r = sd_bus_query_sender_creds(
-        m, SD_BUS_CREDS_EUID | SD_BUS_CREDS_EGID | SD_BUS_CREDS_SUPPLEMENTARY_GIDS, &raw);
+    const int r = sd_bus_query_sender_creds(m, SD_BUS_CREDS_EUID, &raw);
     CredsPtr creds(raw);
     if (r < 0) return bus_status(r, "query the credentials of '" + std::string(sender) + "'");
     Caller caller;
@@ -166,15 +165,9 @@ struct DbusServer::Impl {
       return Status(Code::kAccessDenied, "the bus does not report the uid of the caller");
     }
     caller.uid = uid;
-    gid_t gid = 0;
-    if (sd_bus_creds_get_egid(creds.get(), &gid) >= 0) caller.gids.push_back(gid);
-    const gid_t* gids = nullptr;
-    const int n = sd_bus_creds_get_supplementary_gids(creds.get(), &gids);
-    for (int i = 0; i < n; ++i) caller.gids.push_back(gids[i]);
     // For a dbus-daemon peer sd-bus reports no groups (it could only read them from /proc, which
-    // races with pid reuse); dbus-daemon knows them (SO_PEERGROUPS): ask the bus itself.
-    NM_ASSIGN_OR_RETURN(auto bus_gids, bus_group_ids(sender));
-    caller.gids.insert(caller.gids.end(), bus_gids.begin(), bus_gids.end());
+    // races with pid reuse); dbus-daemon knows them all, primary included (SO_PEERGROUPS): ask it.
+    NM_ASSIGN_OR_RETURN(caller.gids, bus_group_ids(sender));
     if (callers.size() >= kMaxCachedCallers) callers.clear();
     callers.emplace(sender, caller);
     return caller;
