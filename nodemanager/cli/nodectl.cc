@@ -127,6 +127,11 @@ bool flag(const Vars& vm, const char* name) {
   return vm.count(name) && vm[name].as<bool>();
 }
 
+// --request-id alone (verbs that start no job).
+void request_id_option(po::options_description& d) {
+  d.add_options()("request-id", po::value<std::string>()->value_name("ID"), "idempotency key");
+}
+
 void job_options(po::options_description& d) {
   d.add_options()("request-id", po::value<std::string>()->value_name("ID"),
                   "idempotency key: a retry with the same key returns the first answer")(
@@ -768,11 +773,7 @@ std::vector<Noun> commands() {
         .summary = pinned ? "Pin a cached image: garbage collection never removes it."
                           : "Unpin a cached image: garbage collection may remove it again.",
         .positional = {"image"},
-        .options =
-            [](po::options_description& d) {
-              d.add_options()("request-id", po::value<std::string>()->value_name("ID"),
-                              "idempotency key");
-            },
+        .options = request_id_option,
         .run = [pinned](Context& ctx, const Vars& vm) { return image_pin(ctx, vm, pinned); }};
   };
   Verb gc{.name = "gc",
@@ -795,22 +796,14 @@ std::vector<Noun> commands() {
                   "Re-hash cached images (all when none is named), showing progress on stderr, "
                   "and report the corrupt ones; exit 1 when any is corrupt.",
               .positional = {},
-              .options =
-                  [](po::options_description& d) {
-                    d.add_options()("request-id", po::value<std::string>()->value_name("ID"),
-                                    "idempotency key");
-                  },
+              .options = request_id_option,
               .run = image_verify,
               .rest = "image"};
   Verb rm{.name = "rm",
           .usage = "image rm NAME:TAG|DIGEST [--request-id ID]",
           .summary = "Remove an image; refused (exit 4, naming the VMs) while a VM uses it.",
           .positional = {"image"},
-          .options =
-              [](po::options_description& d) {
-                d.add_options()("request-id", po::value<std::string>()->value_name("ID"),
-                                "idempotency key");
-              },
+          .options = request_id_option,
           .run = image_rm};
   Verb ncreate{.name = "create",
                .usage = "network create -f SPEC|- [--request-id ID] [--wait]",
