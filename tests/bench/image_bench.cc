@@ -62,6 +62,7 @@
 #include <utility>
 #include <vector>
 
+#include "args.h"
 #include "bench_bus.h"
 #include "libvirt/libvirt_hypervisor.h"
 #include "nm/core/fs.h"
@@ -1053,15 +1054,6 @@ constexpr const char* kUsage =
     "                   [--pool NAME] [--daemon PATH] [--daemon-uri URI] [--vms N]\n"
     "                   [--daemon-runs N] [--no-drop-caches] [--strict]\n";
 
-template <typename T>
-bool parse_num(std::string_view text, T min, T* out) {
-  T v{};
-  const auto [end, ec] = std::from_chars(text.data(), text.data() + text.size(), v);
-  if (ec != std::errc() || end != text.data() + text.size() || v < min) return false;
-  *out = v;
-  return true;
-}
-
 bool parse_args(int argc, char** argv, Options* opts) {
   for (int i = 1; i < argc; ++i) {
     const std::string_view arg = argv[i];
@@ -1085,17 +1077,17 @@ bool parse_args(int argc, char** argv, Options* opts) {
       }
       ok = ok && !opts->parts.empty();
     } else if (arg == "--size-mib" && has_value) {
-      ok = parse_num<uint64_t>(argv[++i], 1, &opts->size_mib);
+      ok = bench::parse_number<uint64_t>(argv[++i], 1, &opts->size_mib);
     } else if (arg == "--large-mib" && has_value) {
-      ok = parse_num<uint64_t>(argv[++i], 1, &opts->large_mib);
+      ok = bench::parse_number<uint64_t>(argv[++i], 1, &opts->large_mib);
     } else if (arg == "--runs" && has_value) {
-      ok = parse_num(argv[++i], 1, &opts->runs);
+      ok = bench::parse_number(argv[++i], 1, &opts->runs);
     } else if (arg == "--creations" && has_value) {
-      ok = parse_num(argv[++i], 1, &opts->creations);
+      ok = bench::parse_number(argv[++i], 1, &opts->creations);
     } else if (arg == "--vms" && has_value) {
-      ok = parse_num(argv[++i], 1, &opts->vms);
+      ok = bench::parse_number(argv[++i], 1, &opts->vms);
     } else if (arg == "--daemon-runs" && has_value) {
-      ok = parse_num(argv[++i], 1, &opts->daemon_runs);
+      ok = bench::parse_number(argv[++i], 1, &opts->daemon_runs);
     } else if (arg == "--libvirt-uri" && has_value) {
       opts->libvirt_uri = argv[++i];
     } else if (arg == "--pool" && has_value) {

@@ -27,6 +27,7 @@
 #include <utility>
 #include <vector>
 
+#include "args.h"
 #include "bench_bus.h"
 #include "nm/core/fs.h"
 #include "stats.h"
@@ -615,14 +616,6 @@ constexpr const char* kUsage =
     "usage: lifecycle_bench --bus ADDRESS [--cycles N] [--list-vms N] [--list-iterations N]\n"
     "                       [--floor-iterations N] [--warmup N] [--json] [--strict]\n";
 
-bool parse_count(std::string_view text, int min, int* out) {
-  int v = 0;
-  const auto [ptr, ec] = std::from_chars(text.data(), text.data() + text.size(), v);
-  if (ec != std::errc() || ptr != text.data() + text.size() || v < min) return false;
-  *out = v;
-  return true;
-}
-
 // Parses argv into `opts`; false (after printing why) on bad usage.
 bool parse_args(int argc, char** argv, Options* opts) {
   const std::map<std::string_view, std::pair<int*, int>> counts{
@@ -641,7 +634,7 @@ bool parse_args(int argc, char** argv, Options* opts) {
     } else if (arg == "--bus" && i + 1 < argc) {
       opts->bus = argv[++i];
     } else if (auto it = counts.find(arg); it != counts.end() && i + 1 < argc) {
-      if (!parse_count(argv[++i], it->second.second, it->second.first)) {
+      if (!bench::parse_number(argv[++i], it->second.second, it->second.first)) {
         std::fprintf(stderr, "lifecycle_bench: %s needs a number >= %d, got '%s'\n", argv[i - 1],
                      it->second.second, argv[i]);
         return false;

@@ -52,6 +52,7 @@
 #include <thread>
 #include <vector>
 
+#include "args.h"
 #include "nm/network/dnsmasq_dhcp.h"
 #include "nm/network/names.h"
 #include "nm/network/netlink_links.h"
@@ -526,14 +527,6 @@ constexpr const char* kUsage =
     "usage: network_bench [--levels 1,100,1000] [--samples N] [--scenarios single,spread]\n"
     "                     [--per-network N] [--runs N] [--seconds N] [--strict]\n";
 
-bool parse_int(std::string_view text, int min, int* out) {
-  int v = 0;
-  const auto [end, ec] = std::from_chars(text.data(), text.data() + text.size(), v);
-  if (ec != std::errc() || end != text.data() + text.size() || v < min) return false;
-  *out = v;
-  return true;
-}
-
 bool parse_args(int argc, char** argv, Options* opts) {
   for (int i = 1; i < argc; ++i) {
     const std::string_view arg = argv[i];
@@ -542,9 +535,10 @@ bool parse_args(int argc, char** argv, Options* opts) {
     if (arg == "--strict") {
       opts->strict = true;
     } else if (arg == "--samples" && has_value) {
-      ok = parse_int(argv[++i], 1, &opts->samples);
+      ok = bench::parse_number(argv[++i], 1, &opts->samples);
     } else if (arg == "--per-network" && has_value) {
-      ok = parse_int(argv[++i], 1, &opts->per_network) && opts->per_network <= kMaxPerNetwork;
+      ok = bench::parse_number(argv[++i], 1, &opts->per_network) &&
+           opts->per_network <= kMaxPerNetwork;
     } else if (arg == "--scenarios" && has_value) {
       const std::string_view list = argv[++i];
       const bool single = list == "single" || list == "single,spread";
@@ -554,16 +548,16 @@ bool parse_args(int argc, char** argv, Options* opts) {
       if (single) opts->scenarios.push_back(Scenario::kSingle);
       if (spread) opts->scenarios.push_back(Scenario::kSpread);
     } else if (arg == "--runs" && has_value) {
-      ok = parse_int(argv[++i], 1, &opts->runs);
+      ok = bench::parse_number(argv[++i], 1, &opts->runs);
     } else if (arg == "--seconds" && has_value) {
-      ok = parse_int(argv[++i], 1, &opts->seconds);
+      ok = bench::parse_number(argv[++i], 1, &opts->seconds);
     } else if (arg == "--levels" && has_value) {
       opts->levels.clear();
       std::string_view list = argv[++i];
       while (ok && !list.empty()) {
         const size_t comma = list.find(',');
         int level = 0;
-        ok = parse_int(list.substr(0, comma), 0, &level) &&
+        ok = bench::parse_number(list.substr(0, comma), 0, &level) &&
              (opts->levels.empty() || level > opts->levels.back()) && level < 60000;
         opts->levels.push_back(level);
         list = comma == std::string_view::npos ? "" : list.substr(comma + 1);

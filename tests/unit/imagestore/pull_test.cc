@@ -9,6 +9,7 @@
 #include <condition_variable>
 #include <csignal>
 #include <filesystem>
+#include <functional>
 #include <mutex>
 #include <thread>
 
@@ -73,6 +74,19 @@ class CountingSource final : public ImageSource {
   int fetches_ = 0;
   int hold_until_manifests_ = 0;
 };
+
+using Deadline = std::chrono::steady_clock::time_point;
+
+Deadline in_ten_seconds() {
+  return std::chrono::steady_clock::now() + std::chrono::seconds(10);
+}
+
+// Polls `done` every 5 ms until it holds or `deadline` passes.
+void wait_until(Deadline deadline, const std::function<bool()>& done) {
+  while (!done() && std::chrono::steady_clock::now() < deadline) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  }
+}
 
 class PullTest : public ::testing::Test {
  protected:
@@ -422,10 +436,8 @@ TEST_F(PullTest, AJoinerSeesProgressAndItsCancelStopsOnlyItsWait) {
   // start, so the pull that cancels can only be a joiner (a cancelled leader would make the
   // others transfer again, by design).
   std::thread a([&] { leader = pull("debian:12"); });
-  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(10);
-  while (source_->fetches() < 1 && std::chrono::steady_clock::now() < deadline) {
-    std::this_thread::sleep_for(std::chrono::milliseconds(5));
-  }
+  const Deadline deadline = in_ten_seconds();
+  wait_until(deadline, [&] { return source_->fetches() >= 1; });
   ASSERT_EQ(source_->fetches(), 1);
   cancel_joiner = true;
   std::thread b([&] {
@@ -461,23 +473,17 @@ TEST_F(PullTest, AJoinerThatCancelsReturnsWhileTheTransferGoesOn) {
   std::optional<Result<PullResult>> leader;
   std::optional<Result<PullResult>> joiner;
   std::thread a([&] { leader = pull("debian:12"); });
-  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(10);
-  while (source_->fetches() < 1 && std::chrono::steady_clock::now() < deadline) {
-    std::this_thread::sleep_for(std::chrono::milliseconds(5));
-  }
+  const Deadline deadline = in_ten_seconds();
+  wait_until(deadline, [&] { return source_->fetches() >= 1; });
   ASSERT_EQ(source_->fetches(), 1);
   std::thread b([&] {
     joiner = pull("debian:12", nullptr, nullptr, &cancel_joiner);
     joiner_done = true;
   });
-  while (source_->manifests() < 2 && std::chrono::steady_clock::now() < deadline) {
-    std::this_thread::sleep_for(std::chrono::milliseconds(5));
-  }
+  wait_until(deadline, [&] { return source_->manifests() >= 2; });
   std::this_thread::sleep_for(std::chrono::milliseconds(50));  // the joiner waits in the flight
   cancel_joiner = true;
-  while (!joiner_done && std::chrono::steady_clock::now() < deadline) {
-    std::this_thread::sleep_for(std::chrono::milliseconds(5));
-  }
+  wait_until(deadline, [&] { return joiner_done.load(); });
   EXPECT_TRUE(joiner_done.load()) << "the cancelled joiner kept waiting for the transfer";
   EXPECT_FALSE(leader.has_value());                                  // still held in fetch()
   ASSERT_TRUE(source_->manifest(ImageRef{"debian", "12"}).is_ok());  // the third: leader goes
@@ -502,10 +508,8 @@ TEST_F(PullTest, PullsInProgressCountAgainstTheFreeSpace) {
   source_->hold_fetch_until_manifests(2);  // the first transfer waits for the second pull
   std::optional<Result<PullResult>> first;
   std::thread t([&] { first = pull("first:1"); });
-  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(10);
-  while (source_->fetches() < 1 && std::chrono::steady_clock::now() < deadline) {
-    std::this_thread::sleep_for(std::chrono::milliseconds(5));
-  }
+  const Deadline deadline = in_ten_seconds();
+  wait_until(deadline, [&] { return source_->fetches() >= 1; });
   ASSERT_EQ(source_->fetches(), 1);
   const auto second = pull("second:1");  // its manifest request releases the first
   t.join();
