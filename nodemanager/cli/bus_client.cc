@@ -137,6 +137,11 @@ struct BusClient::Impl {
   SlotPtr event_job_slot;
   SlotPtr event_other_slot;
   SlotPtr progress_slot;
+  SlotPtr heartbeat_slot;
+  SlotPtr health_slot;
+  SlotPtr node_state_slot;
+  std::vector<NodeSignal> node_signals;  // received by the node-watch handlers, not yet returned
+  bool node_signal_error = false;        // a node signal that did not parse (logged once)
 
   std::map<std::string, JobOutcome> ended;      // JobRemoved seen, by job path
   std::map<std::string, JobProgress> progress;  // by job path
@@ -181,6 +186,84 @@ struct BusClient::Impl {
     if (sd_bus_message_rewind(m, 1) < 0) return 0;
     if (sd_bus_message_read(m, "t", &seq) < 0) return 0;
     self->newest_seq = std::max(self->newest_seq, seq);
+    return 0;
+  }
+
+  static int read_checks(sd_bus_message* m, std::vector<HealthCheckRow>* out) {
+    int r = sd_bus_message_enter_container(m, 'a', "(ssssx)");
+    if (r < 0) return r;
+    for (;;) {
+      const char *name = nullptr, *state = nullptr, *reason = nullptr, *vm = nullptr;
+      int64_t changed = 0;
+      r = sd_bus_message_read(m, "(ssssx)", &name, &state, &reason, &vm, &changed);
+      if (r < 0) return r;
+      if (r == 0) break;
+      out->push_back(HealthCheckRow{
+          .name = name, .state = state, .reason = reason, .vm_id = vm, .changed_us = changed});
+    }
+    return sd_bus_message_exit_container(m);
+  }
+
+  static int on_node_signal(sd_bus_message* m, void* userdata, sd_bus_error*) noexcept {
+    auto* self = static_cast<Impl*>(userdata);
+    try {
+      const std::string_view member = sd_bus_message_get_member(m);
+      int r = 0;
+      if (member == "Heartbeat") {
+        HeartbeatSignal h;
+        const char* state = nullptr;
+        int maintenance = 0;
+        r = sd_bus_message_read(m, "txsb", &h.seq, &h.timestamp_us, &state, &maintenance);
+        if (r >= 0) {
+          h.state = state;
+          h.maintenance = maintenance != 0;
+          r = sd_bus_message_enter_container(m, 'a', "{st}");
+        }
+        while (r >= 0) {
+          const char* key = nullptr;
+          uint64_t value = 0;
+          r = sd_bus_message_read(m, "{st}", &key, &value);
+          if (r <= 0) break;
+          h.summary[key] = value;
+        }
+        if (r >= 0) self->node_signals.emplace_back(std::move(h));
+      } else if (member == "HealthChanged") {
+        HealthChangedSignal h;
+        const char *state = nullptr, *previous = nullptr;
+        int maintenance = 0;
+        r = sd_bus_message_read(m, "tssb", &h.seq, &state, &previous, &maintenance);
+        if (r >= 0) {
+          h.state = state;
+          h.previous_state = previous;
+          h.maintenance = maintenance != 0;
+          r = read_checks(m, &h.changed);
+        }
+        char** vms = nullptr;
+        if (r >= 0) r = sd_bus_message_read_strv(m, &vms);
+        if (r >= 0) {
+          for (char** p = vms; p != nullptr && *p != nullptr; ++p) {
+            h.vms_affected.emplace_back(*p);
+            std::free(*p);
+          }
+          std::free(vms);
+          self->node_signals.emplace_back(std::move(h));
+        }
+      } else if (member == "VmStateChanged") {
+        VmStateSignal v;
+        const char *id = nullptr, *name = nullptr, *state = nullptr, *reason = nullptr;
+        r = sd_bus_message_read(m, "tssss", &v.seq, &id, &name, &state, &reason);
+        if (r >= 0) {
+          v.vm_id = id;
+          v.name = name;
+          v.state = state;
+          v.reason = reason;
+          self->node_signals.emplace_back(std::move(v));
+        }
+      }
+      if (r < 0) self->node_signal_error = true;
+    } catch (...) {
+      self->out_of_memory = true;
+    }
     return 0;
   }
 
@@ -785,6 +868,82 @@ Result<uint64_t> BusClient::wait_event_signal(Deadline deadline) {
       return impl_->newest_seq;
     }
     if (remaining_usec(deadline) == 0) return uint64_t{0};
+    const int w = sd_bus_wait(impl_->bus.get(), remaining_usec(deadline));
+    if (w < 0 && w != -EINTR) return bus_status(w, nullptr, "waiting on the bus");
+  }
+}
+
+Result<HealthReply> BusClient::get_health() {
+  auto reply = impl_->call_manager("GetHealth", nullptr);
+  if (!reply) return reply.status();
+  sd_bus_message* m = reply->get();
+  HealthReply h;
+  const char *state = nullptr, *reason = nullptr;
+  int maintenance = 0;
+  int r = sd_bus_message_read(m, "sbst", &state, &maintenance, &reason, &h.heartbeat_seq);
+  if (r < 0) return read_status(r, "GetHealth");
+  h.state = state;
+  h.maintenance = maintenance != 0;
+  h.maintenance_reason = reason;
+  r = Impl::read_checks(m, &h.checks);
+  if (r < 0) return read_status(r, "GetHealth");
+  return h;
+}
+
+Result<std::vector<CapacityRow>> BusClient::get_capacity() {
+  auto reply = impl_->call_manager("GetCapacity", nullptr);
+  if (!reply) return reply.status();
+  sd_bus_message* m = reply->get();
+  int r = sd_bus_message_enter_container(m, 'a', "(sttdtt)");
+  if (r < 0) return read_status(r, "GetCapacity");
+  std::vector<CapacityRow> rows;
+  for (;;) {
+    CapacityRow c;
+    const char* resource = nullptr;
+    r = sd_bus_message_read(m, "(sttdtt)", &resource, &c.total, &c.reserved, &c.ratio, &c.capacity,
+                            &c.allocated);
+    if (r < 0) return read_status(r, "GetCapacity");
+    if (r == 0) break;
+    c.resource = resource;
+    rows.push_back(std::move(c));
+  }
+  return rows;
+}
+
+Status BusClient::set_maintenance(bool enabled, const std::string& reason,
+                                  const std::string& request_id) {
+  return impl_
+      ->call_manager("SetMaintenance",
+                     [&](sd_bus_message* m) {
+                       return sd_bus_message_append(m, "bss", static_cast<int>(enabled),
+                                                    reason.c_str(), request_id.c_str());
+                     })
+      .status();
+}
+
+Status BusClient::watch_node() {
+  NM_RETURN_IF_ERROR(
+      impl_->add_match(&impl_->heartbeat_slot, kService, "Heartbeat", &Impl::on_node_signal));
+  NM_RETURN_IF_ERROR(
+      impl_->add_match(&impl_->health_slot, kService, "HealthChanged", &Impl::on_node_signal));
+  return impl_->add_match(&impl_->node_state_slot, kService, "VmStateChanged",
+                          &Impl::on_node_signal);
+}
+
+Result<std::vector<NodeSignal>> BusClient::wait_node_signals(Deadline deadline) {
+  for (;;) {
+    NM_RETURN_IF_ERROR(impl_->drain());
+    if (impl_->out_of_memory) return internal_error("out of memory reading signals");
+    if (impl_->node_signal_error) {
+      impl_->node_signal_error = false;
+      return internal_error("a signal from the daemon did not have the documented signature");
+    }
+    if (!impl_->node_signals.empty()) {
+      std::vector<NodeSignal> out;
+      out.swap(impl_->node_signals);
+      return out;
+    }
+    if (remaining_usec(deadline) == 0) return std::vector<NodeSignal>();
     const int w = sd_bus_wait(impl_->bus.get(), remaining_usec(deadline));
     if (w < 0 && w != -EINTR) return bus_status(w, nullptr, "waiting on the bus");
   }

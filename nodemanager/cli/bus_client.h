@@ -83,6 +83,11 @@ class BusClient {
   Result<std::string> get_network(const std::string& name);
   Result<std::vector<NetworkRow>> list_networks(const std::string& tenant);
 
+  // Node health, capacity, maintenance.
+  Result<HealthReply> get_health();
+  Result<std::vector<CapacityRow>> get_capacity();
+  Status set_maintenance(bool enabled, const std::string& reason, const std::string& request_id);
+
   // ---- Jobs ----
   // Subscribes to JobRemoved and to the daemon's name owner changes. Call BEFORE the method
   // that starts the job, so that a job that ends before its reply arrives is still seen.
@@ -111,6 +116,13 @@ class BusClient {
   // Waits for at least one signal and returns the highest seq seen since the last call (0 on
   // deadline). Signals carry only the newest seq; the caller fetches the events with get_events.
   Result<uint64_t> wait_event_signal(Deadline deadline);
+
+  // ---- Node watch ----
+  // Subscribes to Heartbeat, HealthChanged and VmStateChanged.
+  Status watch_node();
+  // Waits for at least one of those signals and returns every one received, in bus order (empty
+  // on deadline).
+  Result<std::vector<NodeSignal>> wait_node_signals(Deadline deadline);
 
  private:
   struct Impl;

@@ -694,4 +694,138 @@ std::string job_reply_json(const JobReply& r) {
   return dump(j);
 }
 
+// ---- node health, capacity, watch ----
+
+int health_exit_code(std::string_view state) {
+  if (state == "ok") return 0;
+  if (state == "degraded") return kExitDegraded;
+  return kExitFailed;
+}
+
+namespace {
+json check_object(const HealthCheckRow& c) {
+  return {{"name", c.name},
+          {"state", c.state},
+          {"reason", c.reason},
+          {"vm_id", c.vm_id},
+          {"changed_us", c.changed_us}};
+}
+}  // namespace
+
+std::string health_text(const HealthReply& h, uint64_t now_us) {
+  std::string out = "node: " + h.state;
+  if (h.maintenance) {
+    out += " (maintenance" + (h.maintenance_reason.empty() ? "" : ": " + h.maintenance_reason) +
+           "; new VMs refused)";
+  }
+  out += "\n";
+  std::vector<std::vector<std::string>> rows;
+  rows.reserve(h.checks.size());
+  for (const auto& c : h.checks) {
+    rows.push_back(
+        {c.name, c.state,
+         relative_time(static_cast<uint64_t>(std::max<int64_t>(c.changed_us, 0)), now_us),
+         c.reason});
+  }
+  return out + render_table({"CHECK", "STATE", "SINCE", "REASON"}, rows);
+}
+
+std::string health_json(const HealthReply& h) {
+  json checks = json::array();
+  for (const auto& c : h.checks) checks.push_back(check_object(c));
+  return dump({{"state", h.state},
+               {"maintenance", h.maintenance},
+               {"maintenance_reason", h.maintenance_reason},
+               {"heartbeat_seq", h.heartbeat_seq},
+               {"checks", std::move(checks)}});
+}
+
+std::string capacity_table(const std::vector<CapacityRow>& rows) {
+  std::vector<std::vector<std::string>> cells;
+  cells.reserve(rows.size());
+  for (const auto& r : rows) {
+    char ratio[32];
+    std::snprintf(ratio, sizeof ratio, "%g", r.ratio);
+    const uint64_t free = r.capacity > r.allocated ? r.capacity - r.allocated : 0;
+    cells.push_back({r.resource, std::to_string(r.total), std::to_string(r.reserved), ratio,
+                     std::to_string(r.capacity), std::to_string(r.allocated),
+                     std::to_string(free)});
+  }
+  return render_table({"RESOURCE", "TOTAL", "RESERVED", "RATIO", "CAPACITY", "ALLOCATED", "FREE"},
+                      cells);
+}
+
+std::string capacity_json(const std::vector<CapacityRow>& rows) {
+  json arr = json::array();
+  for (const auto& r : rows) {
+    arr.push_back({{"resource", r.resource},
+                   {"total", r.total},
+                   {"reserved", r.reserved},
+                   {"ratio", r.ratio},
+                   {"capacity", r.capacity},
+                   {"allocated", r.allocated},
+                   {"free", r.capacity > r.allocated ? r.capacity - r.allocated : 0}});
+  }
+  return dump(arr);
+}
+
+std::string maintenance_json(bool enabled, std::string_view reason) {
+  return dump({{"maintenance", enabled}, {"reason", enabled ? std::string(reason) : ""}});
+}
+
+namespace {
+struct SignalJson {
+  json operator()(const HeartbeatSignal& h) const {
+    return {{"signal", "Heartbeat"},          {"seq", h.seq},
+            {"timestamp_us", h.timestamp_us}, {"state", h.state},
+            {"maintenance", h.maintenance},   {"summary", h.summary}};
+  }
+  json operator()(const HealthChangedSignal& h) const {
+    json changed = json::array();
+    for (const auto& c : h.changed) changed.push_back(check_object(c));
+    return {{"signal", "HealthChanged"},
+            {"seq", h.seq},
+            {"state", h.state},
+            {"previous_state", h.previous_state},
+            {"maintenance", h.maintenance},
+            {"changed", std::move(changed)},
+            {"vms_affected", h.vms_affected}};
+  }
+  json operator()(const VmStateSignal& v) const {
+    return {{"signal", "VmStateChanged"}, {"seq", v.seq},      {"vm_id", v.vm_id}, {"name", v.name},
+            {"state", v.state},           {"reason", v.reason}};
+  }
+};
+struct SignalText {
+  std::string operator()(const HeartbeatSignal& h) const {
+    auto get = [&](const char* k) {
+      auto it = h.summary.find(k);
+      return it == h.summary.end() ? std::string("?") : std::to_string(it->second);
+    };
+    return "heartbeat " + std::to_string(h.seq) + ": " + h.state +
+           (h.maintenance ? " (maintenance)" : "") + ", " + get("vms_running") + "/" + get("vms") +
+           " VMs running, vcpus " + get("vcpus_allocated") + "/" + get("vcpus_capacity") +
+           ", memory " + get("memory_mib_allocated") + "/" + get("memory_mib_capacity") + " MiB";
+  }
+  std::string operator()(const HealthChangedSignal& h) const {
+    std::string out = "health " + std::to_string(h.seq) + ": " + h.previous_state + " -> " +
+                      h.state + (h.maintenance ? " (maintenance)" : "");
+    for (const auto& c : h.changed) out += "\n  " + c.name + " " + c.state + ": " + c.reason;
+    return out;
+  }
+  std::string operator()(const VmStateSignal& v) const {
+    return "vm " + std::to_string(v.seq) + ": " + v.name + " (" + v.vm_id + ") " + v.state +
+           (v.reason.empty() ? "" : ": " + v.reason);
+  }
+};
+}  // namespace
+
+std::string node_signal_json(const NodeSignal& s) {
+  return dump(std::visit(SignalJson{}, s));
+}
+
+std::string node_signal_text(const NodeSignal& s) {
+  return std::visit(SignalText{}, s);
+}
+
 }  // namespace nm::cli

@@ -7,9 +7,11 @@
 
 #include <chrono>
 #include <cstdint>
+#include <map>
 #include <optional>
 #include <string>
 #include <string_view>
+#include <variant>
 #include <vector>
 
 #include "nm/core/status.h"
@@ -265,5 +267,70 @@ struct JobReply {
 };
 std::string job_reply_text(const JobReply& r);
 std::string job_reply_json(const JobReply& r);
+
+// ---- node health, capacity, watch ----
+
+struct HealthCheckRow {  // a(ssssx)
+  std::string name = {};
+  std::string state = {};
+  std::string reason = {};
+  std::string vm_id = {};
+  int64_t changed_us = 0;
+};
+struct HealthReply {  // GetHealth: (sbsta(ssssx))
+  std::string state = {};
+  bool maintenance = false;
+  std::string maintenance_reason = {};
+  uint64_t heartbeat_seq = 0;
+  std::vector<HealthCheckRow> checks = {};
+};
+// `node health`: exit 0 ok, 8 degraded, 9 failed (a monitoring system's OK/WARNING/CRITICAL).
+inline constexpr int kExitDegraded = 8;
+inline constexpr int kExitFailed = 9;
+int health_exit_code(std::string_view state);
+std::string health_text(const HealthReply& h, uint64_t now_us);
+std::string health_json(const HealthReply& h);
+
+struct CapacityRow {  // GetCapacity: a(sttdtt)
+  std::string resource = {};
+  uint64_t total = 0;
+  uint64_t reserved = 0;
+  double ratio = 1.0;
+  uint64_t capacity = 0;
+  uint64_t allocated = 0;
+};
+std::string capacity_table(const std::vector<CapacityRow>& rows);
+std::string capacity_json(const std::vector<CapacityRow>& rows);
+
+// `node drain|undrain` result.
+std::string maintenance_json(bool enabled, std::string_view reason);
+
+// Signals `node watch` prints.
+struct HeartbeatSignal {
+  uint64_t seq = 0;
+  int64_t timestamp_us = 0;
+  std::string state = {};
+  bool maintenance = false;
+  std::map<std::string, uint64_t> summary = {};
+};
+struct HealthChangedSignal {
+  uint64_t seq = 0;
+  std::string state = {};
+  std::string previous_state = {};
+  bool maintenance = false;
+  std::vector<HealthCheckRow> changed = {};
+  std::vector<std::string> vms_affected = {};
+};
+struct VmStateSignal {
+  uint64_t seq = 0;
+  std::string vm_id = {};
+  std::string name = {};
+  std::string state = {};
+  std::string reason = {};
+};
+using NodeSignal = std::variant<HeartbeatSignal, HealthChangedSignal, VmStateSignal>;
+// One line per signal: {"signal": "Heartbeat"|"HealthChanged"|"VmStateChanged", ...fields}.
+std::string node_signal_json(const NodeSignal& s);
+std::string node_signal_text(const NodeSignal& s);
 
 }  // namespace nm::cli

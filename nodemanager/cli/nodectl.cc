@@ -34,7 +34,8 @@ constexpr const char* kExitCodes =
     "  4  already exists or conflicting state (AlreadyExists, Conflict)\n"
     "  5  unavailable: daemon not running, bus unreachable, timed out (Unavailable)\n"
     "  6  access denied (AccessDenied)\n"
-    "  7  quota or capacity exhausted (QuotaExceeded, InsufficientCapacity)\n";
+    "  7  quota or capacity exhausted (QuotaExceeded, InsufficientCapacity)\n"
+    "  8  node health: degraded   9  node health: failed   (nodectl node health only)\n";
 
 struct Globals {
   std::string bus;  // empty: $NODECTL_BUS, then "system"
@@ -660,6 +661,68 @@ int events(Context& ctx, const Vars& vm) {
   }
 }
 
+// ---- node ----
+
+uint64_t now_realtime_us() {
+  return static_cast<uint64_t>(std::chrono::duration_cast<std::chrono::microseconds>(
+                                   std::chrono::system_clock::now().time_since_epoch())
+                                   .count());
+}
+
+int node_health(Context& ctx, const Vars&) {
+  auto client = ctx.client();
+  if (!client) return ctx.fail(client.status());
+  auto h = (*client)->get_health();
+  if (!h) return ctx.fail(h.status());
+  std::cout << (ctx.json() ? health_json(*h) + "\n" : health_text(*h, now_realtime_us()))
+            << std::flush;
+  return health_exit_code(h->state);
+}
+
+int node_capacity(Context& ctx, const Vars&) {
+  auto client = ctx.client();
+  if (!client) return ctx.fail(client.status());
+  auto rows = (*client)->get_capacity();
+  if (!rows) return ctx.fail(rows.status());
+  std::cout << (ctx.json() ? capacity_json(*rows) + "\n" : capacity_table(*rows)) << std::flush;
+  return 0;
+}
+
+int node_maintenance(Context& ctx, const Vars& vm, bool enabled) {
+  auto client = ctx.client();
+  if (!client) return ctx.fail(client.status());
+  const std::string reason = enabled ? opt(vm, "reason") : std::string();
+  if (Status s = (*client)->set_maintenance(enabled, reason, opt(vm, "request-id")); !s) {
+    return ctx.fail(s);
+  }
+  if (ctx.json()) {
+    std::cout << maintenance_json(enabled, reason) << std::endl;
+  } else {
+    std::cout << (enabled ? "drained: new VMs are refused, running VMs keep running"
+                          : "undrained: new VMs are accepted again")
+              << std::endl;
+  }
+  return 0;
+}
+
+int node_watch(Context& ctx, const Vars&) {
+  auto client = ctx.client();
+  if (!client) return ctx.fail(client.status());
+  if (Status s = (*client)->watch_node(); !s) return ctx.fail(s);
+  // Once this line is out, no later signal can be missed: a follower may start its clock.
+  std::cout << (ctx.json() ? R"({"signal":"Watching"})" : "watching; Ctrl-C to stop") << std::endl;
+  const Deadline deadline = ctx.wait_deadline();
+  for (;;) {
+    auto signals = (*client)->wait_node_signals(deadline);
+    if (!signals) return ctx.fail(signals.status());
+    if (signals->empty()) return 0;  // --timeout reached
+    for (const auto& sig : *signals) {
+      std::cout << (ctx.json() ? node_signal_json(sig) : node_signal_text(sig)) << "\n";
+    }
+    std::cout << std::flush;
+  }
+}
+
 // ---- command table ----
 
 std::vector<Noun> commands() {
@@ -858,6 +921,52 @@ std::vector<Noun> commands() {
                                                             "keep streaming new events");
               },
           .run = events};
+  Verb nhealth{.name = "health",
+               .usage = "node health",
+               .summary =
+                   "Show the node's health: its state (the worst host check) and every check "
+                   "with its reason. Exit 0 ok, 8 degraded, 9 failed: usable as a monitoring "
+                   "probe.",
+               .positional = {},
+               .options = nullptr,
+               .run = node_health};
+  Verb ncapacity{.name = "capacity",
+                 .usage = "node capacity",
+                 .summary =
+                     "Show vCPUs, memory and disk: total, reserved for the host, overcommit "
+                     "ratio, capacity, allocated to VMs, free.",
+                 .positional = {},
+                 .options = nullptr,
+                 .run = node_capacity};
+  Verb ndrain{.name = "drain",
+              .usage = "node drain [--reason TEXT] [--request-id ID]",
+              .summary =
+                  "Put the node in maintenance: new VMs are refused (Unavailable), running VMs "
+                  "keep running. Survives daemon restarts; shown in health and heartbeats.",
+              .positional = {},
+              .options =
+                  [](po::options_description& d) {
+                    d.add_options()("reason", po::value<std::string>()->value_name("TEXT"),
+                                    "why, for the fabric and other operators");
+                    request_id_option(d);
+                  },
+              .run = [](Context& ctx, const Vars& vm) { return node_maintenance(ctx, vm, true); }};
+  Verb nundrain{
+      .name = "undrain",
+      .usage = "node undrain [--request-id ID]",
+      .summary = "End maintenance: new VMs are accepted again.",
+      .positional = {},
+      .options = request_id_option,
+      .run = [](Context& ctx, const Vars& vm) { return node_maintenance(ctx, vm, false); }};
+  Verb nwatch{.name = "watch",
+              .usage = "node watch [--timeout SECONDS]",
+              .summary =
+                  "Print Heartbeat, HealthChanged and VmStateChanged signals as they arrive "
+                  "(JSON: one object per line, the first {\"signal\":\"Watching\"} once "
+                  "subscribed). Runs until interrupted or --timeout.",
+              .positional = {},
+              .options = nullptr,
+              .run = node_watch};
   return {
       Noun{"vm",
            "create, list, show, start, stop, reboot and delete VMs",
@@ -868,6 +977,9 @@ std::vector<Noun> commands() {
       Noun{"image",
            "import, pull, list, pin, verify, collect and remove cached images",
            {import, pull, ilist, pin_verb(true), pin_verb(false), verify, gc, rm}},
+      Noun{"node",
+           "health, capacity, drain/undrain and the live signal stream of this node",
+           {nhealth, ncapacity, ndrain, nundrain, nwatch}},
       Noun{"events", "print (and follow) the node's event log", {ev}},
   };
 }

@@ -39,6 +39,23 @@ Result<ParseOutcome> parse_daemon_config(int argc, const char* const* argv, Daem
     ("image-gc-min-age", po::value(&c.image_gc_min_age_s)->default_value(c.image_gc_min_age_s), "seconds since its last use before an unused, unpinned image may be collected")
     ("image-gc-interval", po::value(&c.image_gc_interval_s)->default_value(c.image_gc_interval_s), "seconds between periodic image garbage collections; 0: never (nodectl image gc still works)")
     ("disk-reserve-mib", po::value(&c.disk_reserve_mib)->default_value(c.disk_reserve_mib), "CreateVm is refused while the instances filesystem has less than this free")
+    ("heartbeat-interval-ms", po::value(&c.heartbeat_interval_ms)->default_value(c.heartbeat_interval_ms), "Heartbeat signal period")
+    ("health-interval-ms", po::value(&c.health_interval_ms)->default_value(c.health_interval_ms), "period of the state-db, image-disk and memory-pressure probes")
+    ("health-disk-degraded-mib", po::value(&c.health_disk_degraded_mib)->default_value(c.health_disk_degraded_mib), "image-disk check: degraded below this much free")
+    ("health-disk-failed-mib", po::value(&c.health_disk_failed_mib)->default_value(c.health_disk_failed_mib), "image-disk check: failed below this much free (or when not writable)")
+    ("health-psi-degraded", po::value(&c.health_psi_degraded)->default_value(c.health_psi_degraded, "20"), "memory-pressure check: degraded when PSI memory 'some' avg10 reaches this %")
+    ("health-psi-failed", po::value(&c.health_psi_failed)->default_value(c.health_psi_failed, "50"), "memory-pressure check: failed when PSI memory 'full' avg10 reaches this %")
+    ("host-vcpus", po::value(&c.host_vcpus)->default_value(c.host_vcpus), "host CPUs for capacity; 0: what libvirt reports")
+    ("host-memory-mib", po::value(&c.host_memory_mib)->default_value(c.host_memory_mib), "host memory for capacity; 0: what libvirt reports")
+    ("reserved-vcpus", po::value(&c.reserved_vcpus)->default_value(c.reserved_vcpus), "CPUs kept for the host, not given to VMs")
+    ("reserved-memory-mib", po::value(&c.reserved_memory_mib)->default_value(c.reserved_memory_mib), "memory kept for the host, not given to VMs")
+    ("cpu-allocation-ratio", po::value(&c.cpu_allocation_ratio)->default_value(c.cpu_allocation_ratio, "4.0"), "vCPU overcommit: capacity = (host CPUs - reserved) * ratio")
+    ("memory-allocation-ratio", po::value(&c.memory_allocation_ratio)->default_value(c.memory_allocation_ratio, "1.0"), "memory overcommit ratio")
+    ("disk-allocation-ratio", po::value(&c.disk_allocation_ratio)->default_value(c.disk_allocation_ratio, "1.0"), "disk overcommit ratio over the instances filesystem (thin overlays)")
+    ("tenant-quota", po::value(&c.tenant_quota_specs)->composing(), "per-tenant limits on this node, repeatable: TENANT:vms=N,vcpus=N,memory_mib=N (any subset)")
+    ("crash-restart-max", po::value(&c.crash_restart_max)->default_value(c.crash_restart_max), "restarts of a VM that stops unexpectedly, within the window, before it is left failed")
+    ("crash-restart-window-s", po::value(&c.crash_restart_window_s)->default_value(c.crash_restart_window_s), "the window crash restarts count in, seconds")
+    ("crash-restart-backoff-ms", po::value(&c.crash_restart_backoff_ms)->default_value(c.crash_restart_backoff_ms), "delay before the first crash restart; doubles for each further one in the window")
     ("fabric-user", po::value(&c.fabric_user), "user (name or uid) of the fabric controller: may call every method")
     ("fabric-group", po::value(&c.fabric_group)->default_value(c.fabric_group), "group (name or gid) whose members may call every method")
     ("operators-group", po::value(&c.operators_group)->default_value(c.operators_group), "group (name or gid) whose members may read and drain")
@@ -117,6 +134,48 @@ Result<ParseOutcome> parse_daemon_config(int argc, const char* const* argv, Daem
   }
   if (c.image_gc_interval_s > 0 && c.image_gc_interval_s < 10) {
     return invalid_argument("image-gc-interval: must be 0 (off) or at least 10 seconds");
+  }
+  if (c.heartbeat_interval_ms < 50 || c.heartbeat_interval_ms > 3600000) {
+    return invalid_argument("heartbeat-interval-ms: must be 50 to 3600000");
+  }
+  if (c.health_interval_ms < 50 || c.health_interval_ms > 3600000) {
+    return invalid_argument("health-interval-ms: must be 50 to 3600000");
+  }
+  if (c.health_disk_failed_mib > c.health_disk_degraded_mib) {
+    return invalid_argument("health-disk-failed-mib: must not exceed health-disk-degraded-mib (" +
+                            std::to_string(c.health_disk_degraded_mib) + ")");
+  }
+  auto percent = [](double v, const char* name) -> Status {
+    if (!(v > 0 && v <= 100)) {
+      return invalid_argument(std::string(name) + ": must be a percentage above 0, at most 100");
+    }
+    return Status::ok();
+  };
+  NM_RETURN_IF_ERROR(percent(c.health_psi_degraded, "health-psi-degraded"));
+  NM_RETURN_IF_ERROR(percent(c.health_psi_failed, "health-psi-failed"));
+  auto ratio = [](double v, const char* name) -> Status {
+    if (!(v > 0 && v <= 1000))
+      return invalid_argument(std::string(name) + ": must be above 0, at most 1000");
+    return Status::ok();
+  };
+  NM_RETURN_IF_ERROR(ratio(c.cpu_allocation_ratio, "cpu-allocation-ratio"));
+  NM_RETURN_IF_ERROR(ratio(c.memory_allocation_ratio, "memory-allocation-ratio"));
+  NM_RETURN_IF_ERROR(ratio(c.disk_allocation_ratio, "disk-allocation-ratio"));
+  c.tenant_quotas.clear();
+  for (const auto& q : c.tenant_quota_specs) {
+    NM_RETURN_IF_ERROR(parse_tenant_quota(q, "tenant-quota", c.tenant_quotas));
+  }
+  if (c.crash_restart_max > kMaxCrashRestarts) {
+    return invalid_argument("crash-restart-max: must be at most " +
+                            std::to_string(kMaxCrashRestarts));
+  }
+  if (c.crash_restart_window_s < 1 || c.crash_restart_window_s > kMaxCrashWindowS) {
+    return invalid_argument("crash-restart-window-s: must be 1 to " +
+                            std::to_string(kMaxCrashWindowS));
+  }
+  if (c.crash_restart_backoff_ms > kMaxCrashBackoffMs) {
+    return invalid_argument("crash-restart-backoff-ms: must be at most " +
+                            std::to_string(kMaxCrashBackoffMs));
   }
   return ParseOutcome::kRun;
 }

@@ -4,6 +4,7 @@
 
 #include <chrono>
 #include <cstdint>
+#include <map>
 #include <string>
 #include <vector>
 
@@ -46,6 +47,28 @@ struct DaemonConfig {
   // Who may call (authz.h): root and the daemon's own user always; the fabric identity (a user
   // and/or a group; names or numbers) may change state; the operators group may read and drain.
   // A default group missing on the host grants nothing (a warning); a configured one is an error.
+  // Health (docs/operations.md "Read health"): heartbeat and probe periods, thresholds.
+  uint32_t heartbeat_interval_ms = 1000;
+  uint32_t health_interval_ms = 1000;  // state-db, image-disk, memory-pressure probes
+  uint64_t health_disk_degraded_mib = 4096;
+  uint64_t health_disk_failed_mib = 1024;
+  double health_psi_degraded = 20.0;  // memory "some" avg10 %
+  double health_psi_failed = 50.0;    // memory "full" avg10 %
+  // Capacity: host totals (0: what libvirt reports), the host's reservation, overcommit ratios,
+  // per-tenant quotas ("TENANT:vms=N,vcpus=N,memory_mib=N").
+  uint32_t host_vcpus = 0;
+  uint64_t host_memory_mib = 0;
+  uint32_t reserved_vcpus = 0;
+  uint64_t reserved_memory_mib = 512;
+  double cpu_allocation_ratio = 4.0;
+  double memory_allocation_ratio = 1.0;
+  double disk_allocation_ratio = 1.0;
+  std::vector<std::string> tenant_quota_specs;
+  std::map<std::string, TenantQuota> tenant_quotas;  // parsed from tenant_quota_specs
+  // Crash policy: restarts allowed within the window, first backoff (doubling).
+  uint32_t crash_restart_max = 3;
+  uint32_t crash_restart_window_s = 600;
+  uint32_t crash_restart_backoff_ms = 1000;
   std::string fabric_user;
   std::string fabric_group = "nodemanager";
   std::string operators_group = "nodemanager-operators";

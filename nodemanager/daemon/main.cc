@@ -18,6 +18,7 @@
 #include "nm/imagestore/image_source.h"
 #include "nm/imagestore/image_store.h"
 #include "nm/network/dnsmasq_dhcp.h"
+#include "nm/network/link_monitor.h"
 #include "nm/network/netlink_links.h"
 #include "nm/network/nft_firewall.h"
 #include "nm/network/tenant_networks.h"
@@ -157,6 +158,22 @@ int run(const nm::DaemonConfig& cfg) {
   for (const auto& src : sources) so.image_sources.push_back(src.get());
   so.image_gc_min_age = std::chrono::seconds(cfg.image_gc_min_age_s);
   so.disk_reserve_bytes = cfg.disk_reserve_mib << 20;
+  so.images_dir = images_dir;
+  so.disk_thresholds = {.degraded_below_bytes = cfg.health_disk_degraded_mib << 20,
+                        .failed_below_bytes = cfg.health_disk_failed_mib << 20};
+  so.psi_thresholds = {.degraded_some_avg10 = cfg.health_psi_degraded,
+                       .failed_full_avg10 = cfg.health_psi_failed};
+  so.host_vcpus = cfg.host_vcpus;
+  so.host_memory_mib = cfg.host_memory_mib;
+  so.capacity = {.reserved_vcpus = cfg.reserved_vcpus,
+                 .reserved_memory_mib = cfg.reserved_memory_mib,
+                 .cpu_ratio = cfg.cpu_allocation_ratio,
+                 .memory_ratio = cfg.memory_allocation_ratio,
+                 .disk_ratio = cfg.disk_allocation_ratio};
+  so.tenant_quotas = cfg.tenant_quotas;
+  so.crash_policy = {.max_restarts = cfg.crash_restart_max,
+                     .window = std::chrono::seconds(cfg.crash_restart_window_s),
+                     .backoff = std::chrono::milliseconds(cfg.crash_restart_backoff_ms)};
   auto service = nm::make_node_service(
       nm::ServiceDeps{**store, **hypervisor, **images, networks, ev, *workers, clock}, so);
 
@@ -167,18 +184,66 @@ int run(const nm::DaemonConfig& cfg) {
     });
   });
 
+  // The libvirt connection's health: lost and restored on the adapter's event thread, which
+  // reconnects by itself; after a reconnect the audit catches up on what the events missed.
+  const std::string uri = cfg.libvirt_uri;
+  service->set_host_check("libvirt", nm::HealthState::kOk, "connected to '" + uri + "'");
+  (*hypervisor)
+      ->set_connection_handler([&ev, svc = service.get(), uri](bool connected,
+                                                               const std::string& reason) {
+        ev.post([svc, connected, reason, uri] {
+          if (connected) {
+            svc->set_host_check("libvirt", nm::HealthState::kOk, "reconnected to '" + uri + "'");
+            svc->audit();
+          } else {
+            svc->set_host_check("libvirt", nm::HealthState::kFailed,
+                                "connection to '" + uri + "' lost: " + reason);
+          }
+        });
+      });
+
+  // The uplink's health from netlink link events (no polling): the underlay interface.
+  std::unique_ptr<nm::network::NetlinkLinkMonitor> uplink;
+  if (!cfg.underlay_interface.empty()) {
+    auto monitor = nm::network::NetlinkLinkMonitor::create({cfg.underlay_interface});
+    if (!monitor.is_ok()) return fail(log, "watching the underlay interface", monitor.status());
+    uplink = std::move(monitor).value();
+    auto report = [svc = service.get()](const nm::network::LinkStatus& l) {
+      const nm::Verdict v = nm::judge_link(l.name, l.exists, l.admin_up, l.carrier, l.oper_state);
+      svc->set_host_check("uplink", v.state, v.reason);
+    };
+    auto first = uplink->query(cfg.underlay_interface);
+    if (!first.is_ok()) return fail(log, "reading the underlay interface", first.status());
+    report(*first);
+    if (auto s = ev.watch_readable(uplink->fd(),
+                                   [&uplink, report, log] {
+                                     auto changes = uplink->read_changes();
+                                     if (!changes.is_ok()) {
+                                       log->warn("uplink monitor: {}",
+                                                 changes.status().to_string());
+                                       return;
+                                     }
+                                     for (const auto& l : *changes) report(l);
+                                   });
+        !s.is_ok()) {
+      return fail(log, "watching the underlay interface", s);
+    }
+  }
+
   // On every way out of this function: running jobs are asked to stop and the workers joined
   // before the service they use is destroyed.
   struct StopJobs {
     nm::NodeService& service;
     std::unique_ptr<nm::WorkerPool>& workers;
     nm::network::Dhcp& dhcp;
+    nm::Hypervisor& hypervisor;
     ~StopJobs() {
+      hypervisor.set_connection_handler(nullptr);
       dhcp.set_observer(nullptr);
       service.shutdown();
       workers.reset();
     }
-  } stop_jobs{*service, workers, **dhcp};
+  } stop_jobs{*service, workers, **dhcp, **hypervisor};
 
   auto policy = authz_policy(cfg, log);
   if (!policy.is_ok()) return fail(log, "resolving the callers' identities", policy.status());
@@ -209,7 +274,21 @@ int run(const nm::DaemonConfig& cfg) {
       return fail(log, "arming the image gc timer", s);
     }
   }
-  if (auto s = ev.enable_watchdog(); !s.is_ok()) return fail(log, "enabling the watchdog", s);
+  service->probe_health();
+  if (auto s = ev.add_periodic(std::chrono::milliseconds(cfg.health_interval_ms),
+                               [&] { service->probe_health(); });
+      !s.is_ok()) {
+    return fail(log, "arming the health probe timer", s);
+  }
+  if (auto s = ev.add_periodic(std::chrono::milliseconds(cfg.heartbeat_interval_ms),
+                               [&] { service->heartbeat(); });
+      !s.is_ok()) {
+    return fail(log, "arming the heartbeat timer", s);
+  }
+  // WATCHDOG=1 only while the loop turns and the libvirt connection is up.
+  if (auto s = ev.enable_watchdog([&] { return service->watchdog_healthy(); }); !s.is_ok()) {
+    return fail(log, "enabling the watchdog", s);
+  }
 
   const auto vms = service->list_vms("");
   const std::string ready = "serving " + std::to_string(vms.size()) + " VMs";

@@ -22,8 +22,9 @@ std::string_view access_name(Access a) {
 }
 
 Access access_of(std::string_view interface, std::string_view member) {
-  static constexpr std::array<std::string_view, 6> kReadMethods = {
-      "GetVm", "ListVms", "ListImages", "GetNetwork", "ListNetworks", "GetEvents"};
+  static constexpr std::array<std::string_view, 8> kReadMethods = {
+      "GetVm",        "ListVms",   "ListImages", "GetNetwork",
+      "ListNetworks", "GetEvents", "GetHealth",  "GetCapacity"};
   static constexpr std::array<std::string_view, 1> kOperateMethods = {"SetMaintenance"};
   if (interface == "org.nodemanager.NodeManager1.Manager") {
     if (std::find(kReadMethods.begin(), kReadMethods.end(), member) != kReadMethods.end()) {

@@ -3,7 +3,7 @@
 //
 //   mutate   every method that changes state (CreateVm, DeleteVm, PullImage, Job.Cancel, ...):
 //            root, the daemon's own user, and the fabric identity (fabric-user / fabric-group)
-//   operate  drain/undrain (SetMaintenance, issue 5): the above and the operators group
+//   operate  drain/undrain (SetMaintenance): the above and the operators group
 //   read     Get*/List*/GetEvents and every property: the above and the operators group
 //   anyone else: AccessDenied, for everything.
 //

@@ -662,6 +662,68 @@ struct DbusServer::Impl {
     });
   }
 
+  // ---- health, capacity, maintenance ----
+
+  static int append_checks(sd_bus_message* msg, const std::vector<HealthCheck>& checks) {
+    int r = sd_bus_message_open_container(msg, 'a', "(ssssx)");
+    for (size_t i = 0; r >= 0 && i < checks.size(); ++i) {
+      const HealthCheck& c = checks[i];
+      r = sd_bus_message_append(msg, "(ssssx)", c.name.c_str(),
+                                std::string(health_state_name(c.state)).c_str(), c.reason.c_str(),
+                                c.vm_id.c_str(), static_cast<int64_t>(c.changed_us));
+    }
+    if (r >= 0) r = sd_bus_message_close_container(msg);
+    return r;
+  }
+
+  static int get_health(sd_bus_message* m, void* ud, sd_bus_error*) noexcept {
+    return guard_method(ud, m, [m](Impl& self) {
+      const HealthSnapshot h = self.service.health();
+      sd_bus_message* raw = nullptr;
+      int r = sd_bus_message_new_method_return(m, &raw);
+      MessagePtr reply(raw);
+      if (r < 0) return r;
+      r = sd_bus_message_append(
+          reply.get(), "sbst", std::string(health_state_name(h.state)).c_str(),
+          static_cast<int>(h.maintenance), h.maintenance_reason.c_str(), h.heartbeat_seq);
+      if (r >= 0) r = append_checks(reply.get(), h.checks);
+      if (r >= 0) r = sd_bus_send(nullptr, reply.get(), nullptr);
+      return r;
+    });
+  }
+
+  static int get_capacity(sd_bus_message* m, void* ud, sd_bus_error*) noexcept {
+    return guard_method(ud, m, [m](Impl& self) {
+      const auto resources = self.service.capacity();
+      sd_bus_message* raw = nullptr;
+      int r = sd_bus_message_new_method_return(m, &raw);
+      MessagePtr reply(raw);
+      if (r < 0) return r;
+      r = sd_bus_message_open_container(reply.get(), 'a', "(sttdtt)");
+      for (size_t i = 0; r >= 0 && i < resources.size(); ++i) {
+        const ResourceCapacity& c = resources[i];
+        r = sd_bus_message_append(reply.get(), "(sttdtt)", c.resource.c_str(), c.total, c.reserved,
+                                  c.ratio, c.capacity, c.allocated);
+      }
+      if (r >= 0) r = sd_bus_message_close_container(reply.get());
+      if (r >= 0) r = sd_bus_send(nullptr, reply.get(), nullptr);
+      return r;
+    });
+  }
+
+  static int set_maintenance(sd_bus_message* m, void* ud, sd_bus_error*) noexcept {
+    return guard_method(ud, m, [m](Impl& self) {
+      int enabled = 0;
+      const char* reason = nullptr;
+      const char* request_id = nullptr;
+      const int r = sd_bus_message_read(m, "bss", &enabled, &reason, &request_id);
+      if (r < 0) return r;
+      const Status s = self.service.set_maintenance(enabled != 0, reason, request_id);
+      if (!s) return self.reply_error(m, s);
+      return sd_bus_reply_method_return(m, "");
+    });
+  }
+
   static constexpr uint32_t kDefaultEvents = 1000;
   static constexpr uint32_t kMaxEvents = 10000;
 
@@ -905,6 +967,25 @@ Status DbusServer::Impl::register_objects() {
       SD_BUS_METHOD_WITH_NAMES("GetEvents", "tu", SD_BUS_PARAM(since) SD_BUS_PARAM(max),
                                "a(ttsss)t", SD_BUS_PARAM(events) SD_BUS_PARAM(last_seq),
                                &Impl::get_events, SD_BUS_VTABLE_UNPRIVILEGED),
+      SD_BUS_METHOD_WITH_NAMES("GetHealth", "", "", "sbsta(ssssx)",
+                               SD_BUS_PARAM(state) SD_BUS_PARAM(maintenance)
+                                   SD_BUS_PARAM(maintenance_reason) SD_BUS_PARAM(heartbeat_seq)
+                                       SD_BUS_PARAM(checks),
+                               &Impl::get_health, SD_BUS_VTABLE_UNPRIVILEGED),
+      SD_BUS_METHOD_WITH_NAMES("GetCapacity", "", "", "a(sttdtt)", SD_BUS_PARAM(resources),
+                               &Impl::get_capacity, SD_BUS_VTABLE_UNPRIVILEGED),
+      SD_BUS_METHOD_WITH_NAMES("SetMaintenance", "bss",
+                               SD_BUS_PARAM(enabled) SD_BUS_PARAM(reason) SD_BUS_PARAM(request_id),
+                               "", "", &Impl::set_maintenance, SD_BUS_VTABLE_UNPRIVILEGED),
+      SD_BUS_SIGNAL_WITH_NAMES("HealthChanged", "tssba(ssssx)as",
+                               SD_BUS_PARAM(seq) SD_BUS_PARAM(state) SD_BUS_PARAM(previous_state)
+                                   SD_BUS_PARAM(maintenance) SD_BUS_PARAM(changed)
+                                       SD_BUS_PARAM(vms_affected),
+                               0),
+      SD_BUS_SIGNAL_WITH_NAMES("Heartbeat", "txsba{st}",
+                               SD_BUS_PARAM(seq) SD_BUS_PARAM(timestamp_us) SD_BUS_PARAM(state)
+                                   SD_BUS_PARAM(maintenance) SD_BUS_PARAM(summary),
+                               0),
       SD_BUS_SIGNAL_WITH_NAMES("EventAppended", "tss",
                                SD_BUS_PARAM(seq) SD_BUS_PARAM(kind) SD_BUS_PARAM(object_id), 0),
       SD_BUS_SIGNAL_WITH_NAMES("VmStateChanged", "tssss",
@@ -1094,7 +1175,8 @@ void DbusServer::on_job_removed(const JobView& job, const JobOutcome& outcome,
 }
 
 void DbusServer::on_event(const EventRecord& event) {
-  if (event.kind == "JobRemoved") return;  // has its own signal, sent by on_job_removed()
+  // These have their own signals, sent by on_job_removed() and on_health_changed().
+  if (event.kind == "JobRemoved" || event.kind == "HealthChanged") return;
   if (event.kind != "VmStateChanged") {
     // Events without a signal of their own (networks, images, orphans): one generic signal so
     // that followers learn about them at once.
@@ -1123,6 +1205,46 @@ void DbusServer::on_event(const EventRecord& event) {
                            "VmStateChanged", "tssss", event.seq, event.object_id.c_str(),
                            field("name").c_str(), field("state").c_str(), field("reason").c_str()),
         "VmStateChanged", event.object_id);
+  });
+}
+
+void DbusServer::on_health_changed(const HealthChange& change, const EventRecord& event) {
+  impl_->guard_observer("on_health_changed", [=, this] {
+    sd_bus_message* raw = nullptr;
+    int r = sd_bus_message_new_signal(impl_->bus.get(), &raw, kManagerPath.data(),
+                                      kManagerInterface.data(), "HealthChanged");
+    const MessagePtr msg(raw);
+    if (r >= 0) {
+      r = sd_bus_message_append(msg.get(), "tssb", event.seq,
+                                std::string(health_state_name(change.state)).c_str(),
+                                std::string(health_state_name(change.previous)).c_str(),
+                                static_cast<int>(change.maintenance));
+    }
+    if (r >= 0) r = Impl::append_checks(msg.get(), change.changed);
+    if (r >= 0) r = Impl::append_strv(msg.get(), change.vms_affected);
+    if (r >= 0) r = sd_bus_send(impl_->bus.get(), msg.get(), nullptr);
+    impl_->warn_if_failed(r, "HealthChanged", "node");
+  });
+}
+
+void DbusServer::on_heartbeat(const Heartbeat& beat) {
+  impl_->guard_observer("on_heartbeat", [=, this] {
+    sd_bus_message* raw = nullptr;
+    int r = sd_bus_message_new_signal(impl_->bus.get(), &raw, kManagerPath.data(),
+                                      kManagerInterface.data(), "Heartbeat");
+    const MessagePtr msg(raw);
+    if (r >= 0) {
+      r = sd_bus_message_append(
+          msg.get(), "txsb", beat.seq, static_cast<int64_t>(beat.timestamp_us),
+          std::string(health_state_name(beat.state)).c_str(), static_cast<int>(beat.maintenance));
+    }
+    if (r >= 0) r = sd_bus_message_open_container(msg.get(), 'a', "{st}");
+    for (auto it = beat.summary.begin(); r >= 0 && it != beat.summary.end(); ++it) {
+      r = sd_bus_message_append(msg.get(), "{st}", it->first.c_str(), it->second);
+    }
+    if (r >= 0) r = sd_bus_message_close_container(msg.get());
+    if (r >= 0) r = sd_bus_send(impl_->bus.get(), msg.get(), nullptr);
+    impl_->warn_if_failed(r, "Heartbeat", "node");
   });
 }
 

@@ -88,6 +88,8 @@ class DbusServer final : public ServiceObserver {
   void on_job_removed(const JobView& job, const JobOutcome& outcome,
                       const EventRecord& event) override;  // JobRemoved + InterfacesRemoved
   void on_event(const EventRecord& event) override;        // VmStateChanged or EventAppended
+  void on_health_changed(const HealthChange& change, const EventRecord& event) override;
+  void on_heartbeat(const Heartbeat& beat) override;
 
  private:
   struct Impl;

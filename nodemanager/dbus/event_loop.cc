@@ -1,15 +1,19 @@
 #include "event_loop.h"
 
+#include <sys/epoll.h>
 #include <sys/eventfd.h>
+#include <systemd/sd-daemon.h>
 #include <systemd/sd-event.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <csignal>
 #include <cstdint>
 #include <cstring>
 #include <deque>
 #include <exception>
+#include <map>
 #include <mutex>
 #include <string>
 #include <utility>
@@ -57,6 +61,21 @@ struct Periodic {
   SourcePtr source;
 };
 
+// Timers fire within 1 ms of their time (sd-event's default slack is 250 ms, too coarse for
+// heartbeats and restart backoff).
+constexpr uint64_t kAccuracyUs = 1000;
+
+struct OneShot {
+  std::function<void()> fn;
+  SourcePtr source;
+  void* owner;  // the SdEventLoop::Impl whose one_shots map holds it
+};
+
+struct FdWatch {
+  std::function<void()> fn;
+  SourcePtr source;
+};
+
 struct SignalHandler {
   std::function<void(int)> fn;
   std::vector<SourcePtr> sources;
@@ -71,9 +90,26 @@ struct SdEventLoop::Impl {
   SourcePtr wake_source;
   std::vector<std::unique_ptr<Periodic>> periodics;
   std::vector<std::unique_ptr<SignalHandler>> signal_handlers;
+  std::vector<std::unique_ptr<FdWatch>> fd_watches;
+  std::map<OneShot*, std::unique_ptr<OneShot>> one_shots;
 
   std::mutex mu;
   std::deque<std::function<void()>> queue;  // guarded by mu
+
+  static int on_one_shot(sd_event_source*, uint64_t, void* userdata) noexcept {
+    auto* shot = static_cast<OneShot*>(userdata);
+    auto* self = static_cast<Impl*>(shot->owner);
+    std::function<void()> fn = std::move(shot->fn);
+    // Freed before running: `fn` may arm new timers; the source stays valid while dispatching.
+    self->one_shots.erase(shot);
+    run_guarded("a delayed function", fn);
+    return 0;
+  }
+
+  static int on_readable(sd_event_source*, int, uint32_t, void* userdata) noexcept {
+    run_guarded("an fd watch", static_cast<FdWatch*>(userdata)->fn);
+    return 0;
+  }
 
   static int on_wake(sd_event_source*, int fd, uint32_t, void* userdata) noexcept {
     auto* self = static_cast<Impl*>(userdata);
@@ -150,11 +186,38 @@ Status SdEventLoop::add_periodic(std::chrono::microseconds interval, std::functi
   auto p = std::make_unique<Periodic>(Periodic{interval, std::move(fn), nullptr});
   sd_event_source* src = nullptr;
   const int r = sd_event_add_time_relative(impl_->event.get(), &src, CLOCK_MONOTONIC,
-                                           static_cast<uint64_t>(interval.count()), 0,
+                                           static_cast<uint64_t>(interval.count()), kAccuracyUs,
                                            &Impl::on_timer, p.get());
   if (r < 0) return event_status(r, "add a periodic timer");
   p->source.reset(src);
   impl_->periodics.push_back(std::move(p));
+  return Status::ok();
+}
+
+void SdEventLoop::post_after(std::chrono::milliseconds delay, std::function<void()> fn) {
+  post([impl = impl_.get(), delay, fn = std::move(fn)]() mutable {
+    auto shot = std::make_unique<OneShot>(OneShot{std::move(fn), nullptr, impl});
+    sd_event_source* src = nullptr;
+    const auto usec = std::chrono::duration_cast<std::chrono::microseconds>(delay).count();
+    const int r = sd_event_add_time_relative(impl->event.get(), &src, CLOCK_MONOTONIC,
+                                             static_cast<uint64_t>(std::max<int64_t>(usec, 0)),
+                                             kAccuracyUs, &Impl::on_one_shot, shot.get());
+    if (r < 0) {
+      log()->error("arming a one-shot timer failed: {}", std::strerror(-r));
+      return;
+    }
+    shot->source.reset(src);
+    impl->one_shots.emplace(shot.get(), std::move(shot));
+  });
+}
+
+Status SdEventLoop::watch_readable(int fd, std::function<void()> fn) {
+  auto w = std::make_unique<FdWatch>(FdWatch{std::move(fn), nullptr});
+  sd_event_source* src = nullptr;
+  const int r = sd_event_add_io(impl_->event.get(), &src, fd, EPOLLIN, &Impl::on_readable, w.get());
+  if (r < 0) return event_status(r, "watch fd " + std::to_string(fd));
+  w->source.reset(src);
+  impl_->fd_watches.push_back(std::move(w));
   return Status::ok();
 }
 
@@ -196,11 +259,25 @@ int SdEventLoop::exit_code() const {
   return code;
 }
 
-Status SdEventLoop::enable_watchdog() {
-  const int r = sd_event_set_watchdog(impl_->event.get(), 1);
-  if (r < 0) return event_status(r, "enable the watchdog");
-  if (r > 0) log()->info("systemd watchdog enabled");
-  return Status::ok();
+Status SdEventLoop::enable_watchdog(std::function<bool()> healthy) {
+  uint64_t usec = 0;
+  const int r = sd_watchdog_enabled(0, &usec);
+  if (r < 0) return event_status(r, "read WATCHDOG_USEC");
+  if (r == 0 || usec == 0) return Status::ok();
+  log()->info("systemd watchdog enabled: WATCHDOG=1 every {} ms while healthy", usec / 2000);
+  auto fed = std::make_shared<bool>(true);
+  return add_periodic(std::chrono::microseconds(usec / 2), [healthy = std::move(healthy), fed] {
+    const bool ok = !healthy || healthy();
+    if (ok != *fed) {
+      if (ok) {
+        log()->info("watchdog: healthy again; feeding systemd");
+      } else {
+        log()->warn("watchdog: not feeding systemd while the node is unhealthy");
+      }
+      *fed = ok;
+    }
+    if (ok) sd_notify(0, "WATCHDOG=1");
+  });
 }
 
 }  // namespace nm

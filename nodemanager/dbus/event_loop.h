@@ -33,6 +33,14 @@ class SdEventLoop final : public LoopExecutor {
   // Thread-safe. Queues `fn`; it runs on the loop thread, in posting order, never inline. One
   // wake-up drains everything queued so far. An exception escaping `fn` is logged and dropped.
   void post(std::function<void()> fn) override;
+  // Thread-safe. A one-shot timer, armed on the loop thread (so `delay` counts from when the loop
+  // takes the request, microseconds later). Dropped unrun when the loop is destroyed first.
+  void post_after(std::chrono::milliseconds delay, std::function<void()> fn) override;
+
+  // Loop thread (or before run()). Calls `fn` on the loop whenever `fd` is readable (level
+  // triggered: `fn` must drain it). The fd stays owned by the caller and must outlive the loop
+  // or the returned watch; lives as long as the loop.
+  Status watch_readable(int fd, std::function<void()> fn);
 
   // Loop thread (or before run()). Calls `fn` every `interval` on CLOCK_MONOTONIC, the first
   // time one interval from now; the timer is re-armed after each call, so a slow `fn` delays the
@@ -55,10 +63,11 @@ class SdEventLoop final : public LoopExecutor {
   // The code given to exit() (or EXIT_FAILURE when an attached bus connection dropped); 0 before.
   int exit_code() const;
 
-  // Sends WATCHDOG=1 to systemd from the loop at half the WATCHDOG_USEC interval, so a wedged
-  // loop gets the daemon restarted. OK and a no-op when the service manager asked for no
-  // watchdog (WATCHDOG_USEC unset).
-  Status enable_watchdog();
+  // Sends WATCHDOG=1 to systemd from the loop at half the WATCHDOG_USEC interval while
+  // `healthy()` holds, so a wedged loop (or whatever `healthy` judges, e.g. a lost hypervisor
+  // connection) gets the daemon restarted. Each change of `healthy()` is logged. OK and a no-op
+  // when the service manager asked for no watchdog (WATCHDOG_USEC unset).
+  Status enable_watchdog(std::function<bool()> healthy);
 
  private:
   struct Impl;

@@ -75,6 +75,7 @@ HealthSnapshot HealthModel::snapshot() const {
   HealthSnapshot s{.state = state(),
                    .maintenance = maintenance_,
                    .maintenance_reason = maintenance_reason_,
+                   .heartbeat_seq = 0,
                    .checks = {}};
   s.checks.reserve(host_.size() + vms_.size());
   for (const auto& [_, c] : host_) s.checks.push_back(c);

@@ -51,14 +51,9 @@ Result<DiskProbe> probe_dir(const std::string& dir) {
   if (!fd.valid()) return errno_status("creating", path, errno);
   static constexpr std::string_view kData = "nodemanager health probe\n";
   const ssize_t n = ::write(fd.get(), kData.data(), kData.size());
-  int err = 0;
-  if (n < 0) {
-    err = errno;
-  } else if (static_cast<size_t>(n) != kData.size()) {
-    err = ENOSPC;
-  } else if (::fsync(fd.get()) != 0) {
-    err = errno;
-  }
+  int err = n < 0 ? errno : 0;
+  if (n >= 0 && static_cast<size_t>(n) != kData.size()) err = ENOSPC;  // a short write: full
+  if (err == 0 && ::fsync(fd.get()) != 0) err = errno;
   ::unlink(path.c_str());
   if (err != 0) return errno_status("writing", path, err);
   struct statvfs st {};

@@ -243,8 +243,20 @@ class NodeServiceImpl final : public NodeService {
       if (j.kind.rfind("network-", 0) == 0) key = network_key(j.object_id);
       interrupted_[key].push_back(std::move(j));
     }
+    NM_RETURN_IF_ERROR(load_health());
+    if (opt_.host_vcpus == 0 || opt_.host_memory_mib == 0) {
+      NM_ASSIGN_OR_RETURN(const HostInfo host, d_.hypervisor.host_info());
+      if (opt_.host_vcpus == 0) opt_.host_vcpus = host.cpus;
+      if (opt_.host_memory_mib == 0) opt_.host_memory_mib = host.memory_bytes >> 20;
+    }
+    log_->info("capacity: {} CPUs, {} MiB memory (reserved {} CPUs, {} MiB; ratios {} / {} / {})",
+               opt_.host_vcpus, opt_.host_memory_mib, opt_.capacity.reserved_vcpus,
+               opt_.capacity.reserved_memory_mib, opt_.capacity.cpu_ratio,
+               opt_.capacity.memory_ratio, opt_.capacity.disk_ratio);
     start_networks();
+    starting_ = true;
     reconcile_all(domains, overlays, epoch_counter_);
+    starting_ = false;
     end_interrupted_jobs();
     return Status::ok();
   }
@@ -291,6 +303,7 @@ class NodeServiceImpl final : public NodeService {
     vm.id = spec.id ? *spec.id : generate_vm_id();
     const ScopedLogFields vm_field({{log_field::kVmId, vm.id.str()}});
     NM_ASSIGN_OR_RETURN(std::vector<PortRecord> ports, allocate_ports(vm.id, spec));
+    NM_RETURN_IF_ERROR(admit_vm(spec, disk));
     vm.spec = std::move(spec);
     vm.spec.id = vm.id;
     vm.power = PowerIntent::kStopped;
@@ -328,6 +341,7 @@ class NodeServiceImpl final : public NodeService {
 
   Result<uint32_t> start_vm(std::string_view ref, std::string_view request_id) override {
     return power_request(ref, request_id, "StartVm", "start", "", [&](VmRecord& vm, uint32_t id) {
+      acknowledge_vm_health(vm);
       vm.power = PowerIntent::kRunning;
       return make_start_job(id, vm, "started");
     });
@@ -336,6 +350,7 @@ class NodeServiceImpl final : public NodeService {
   Result<uint32_t> stop_vm(std::string_view ref, bool force, std::string_view request_id) override {
     return power_request(ref, request_id, "StopVm", "stop", force ? "force" : "graceful",
                          [&](VmRecord& vm, uint32_t id) {
+                           acknowledge_vm_health(vm);
                            vm.power = PowerIntent::kStopped;
                            return make_stop_job(id, vm, force);
                          });
@@ -884,6 +899,119 @@ class NodeServiceImpl final : public NodeService {
         {network::Repair{.object = object, .what = what, .network = {}, .failed = false}});
   }
 
+  // ---------------------------------------------------------------- health and capacity
+
+  HealthSnapshot health() const override {
+    HealthSnapshot h = health_.snapshot();
+    h.heartbeat_seq = heartbeat_seq_;
+    return h;
+  }
+
+  std::vector<ResourceCapacity> capacity() const override {
+    Usage all;
+    for (const auto& [_, vm] : vms_) all += usage_of(vm);
+    const HostTotals host = host_totals();
+    auto out = compute_capacity(host, opt_.capacity, all);
+    if (host.disk_gib == 0) {  // no instances filesystem to measure: disk is not accounted
+      std::erase_if(out, [](const ResourceCapacity& r) { return r.resource == "disk_gib"; });
+    }
+    return out;
+  }
+
+  Status set_maintenance(bool enabled, std::string_view reason,
+                         std::string_view request_id) override {
+    NM_ASSIGN_OR_RETURN(auto rid, parse_request_id(request_id));
+    if (reason.size() > kMaxReason) {
+      return invalid_argument("reason: at most " + std::to_string(kMaxReason) + " bytes");
+    }
+    for (const char c : reason) {
+      if (static_cast<unsigned char>(c) < 0x20) {
+        return invalid_argument("reason: control characters are not allowed");
+      }
+    }
+    const std::string fingerprint =
+        std::string(enabled ? "on" : "off") + "\n" + std::string(reason);
+    NM_ASSIGN_OR_RETURN(auto replayed, replay(rid, "SetMaintenance", fingerprint));
+    if (replayed) return Status::ok();
+    const json value = {{"enabled", enabled},
+                        {"reason", enabled ? std::string(reason) : std::string()},
+                        {"since_us", d_.clock.now_realtime_us()}};
+    std::vector<EventRecord> events;
+    NM_RETURN_IF_ERROR(commit(
+        [&](StateTxn& txn) -> Status {
+          NM_RETURN_IF_ERROR(txn.put_setting(kMaintenanceKey, value.dump()));
+          return put_reply(txn, rid, "SetMaintenance", fingerprint, json::object());
+        },
+        events));
+    if (enabled != health_.maintenance()) {
+      log_->warn("maintenance {}{}", enabled ? "on: new VMs are refused" : "off",
+                 enabled && !reason.empty() ? " (" + std::string(reason) + ")" : "");
+    }
+    health_.set_maintenance(enabled, std::string(reason));
+    health_dirty();
+    return Status::ok();
+  }
+
+  void set_host_check(const std::string& name, HealthState state, std::string reason) override {
+    const auto before = health_.check(name);
+    if (!before || before->state != state) {
+      if (state == HealthState::kOk) {
+        log_->info("health: {} ok: {}", name, reason);
+      } else {
+        log_->warn("health: {} {}: {}", name, health_state_name(state), reason);
+      }
+    }
+    health_.set_host(name, state, std::move(reason), d_.clock.now_realtime_us());
+    health_dirty();
+  }
+
+  void probe_health() override {
+    // state-db: one write transaction, the path every request takes.
+    const Status db = d_.store.transact([&](StateTxn& txn) {
+      return txn.put_setting("health_probe", std::to_string(d_.clock.now_realtime_us()));
+    });
+    set_host_check("state-db", db.is_ok() ? HealthState::kOk : HealthState::kFailed,
+                   db.is_ok() ? "writable" : db.message());
+    if (probe_in_flight_) return;
+    probe_in_flight_ = true;
+    d_.workers.submit([this, alive = alive_, dir = opt_.images_dir, psi = opt_.psi_path,
+                       disk_t = opt_.disk_thresholds, psi_t = opt_.psi_thresholds] {
+      std::optional<Verdict> disk;
+      std::optional<Verdict> memory;
+      if (!dir.empty()) disk = judge_disk(probe_dir(dir), disk_t);
+      if (!psi.empty()) memory = judge_psi(read_psi(psi), psi_t);
+      d_.loop.post([this, alive, disk, memory] {
+        if (!*alive) return;
+        probe_in_flight_ = false;
+        if (disk) set_host_check("image-disk", disk->state, disk->reason);
+        if (memory) set_host_check("memory-pressure", memory->state, memory->reason);
+      });
+    });
+  }
+
+  Heartbeat heartbeat() override {
+    Heartbeat hb{.seq = ++heartbeat_seq_,
+                 .timestamp_us = d_.clock.now_realtime_us(),
+                 .state = health_.state(),
+                 .maintenance = health_.maintenance(),
+                 .summary = {}};
+    uint64_t running = 0;
+    for (const auto& [_, vm] : vms_) running += static_cast<uint64_t>(vm.state == "running");
+    hb.summary["vms"] = vms_.size();
+    hb.summary["vms_running"] = running;
+    for (const auto& r : capacity()) {
+      hb.summary[r.resource + "_capacity"] = r.capacity;
+      hb.summary[r.resource + "_allocated"] = r.allocated;
+    }
+    if (observer_) observer_->on_heartbeat(hb);
+    return hb;
+  }
+
+  bool watchdog_healthy() const override {
+    const auto lv = health_.check("libvirt");
+    return !lv || lv->state != HealthState::kFailed;
+  }
+
   // ---------------------------------------------------------------- reconciliation
 
   void on_domain_event(const DomainEvent& ev) override {
@@ -894,6 +1022,20 @@ class NodeServiceImpl final : public NodeService {
       if (job->key == ev.uuid) job->ctx->notify();
     }
     if (queues_.count(ev.uuid)) return;  // a job owns this VM; observe() runs after it
+    if (ev.kind == DomainEventKind::kEmulatorExited) {
+      // Seen before libvirt knows (it still says running): act on it now, without asking.
+      VmRecord& vm = it->second;
+      if (vm.power != PowerIntent::kRunning || vm.deleting || vm.state == "error" ||
+          vm.state == "failed" || restart_pending_.count(ev.uuid)) {
+        return;
+      }
+      DomainInfo gone;
+      gone.uuid = ev.uuid;
+      gone.state = DomainState::kShutOff;
+      gone.cause = DomainCause::kEmulatorGone;
+      if (!vm.spec.autostart) return observe(vm.id);  // libvirt's own event settles it
+      return on_unexpected_down(vm, gone);
+    }
     observe(it->second.id);
   }
 
@@ -946,6 +1088,218 @@ class NodeServiceImpl final : public NodeService {
   bool changed_since(const std::string& key, uint64_t taken_at) const {
     auto it = epoch_.find(key);
     return it != epoch_.end() && it->second > taken_at;
+  }
+
+  // ---------------------------------------------------------------- helpers: health
+
+  static constexpr size_t kMaxReason = 256;
+  static constexpr const char* kMaintenanceKey = "maintenance";
+
+  // Coalesces every health change made in this loop iteration into one HealthChanged.
+  void health_dirty() {
+    if (health_flush_posted_) return;
+    health_flush_posted_ = true;
+    d_.loop.post([this, alive = alive_] {
+      if (!*alive) return;
+      health_flush_posted_ = false;
+      flush_health();
+    });
+  }
+
+  static json health_check_json(const HealthCheck& c) {
+    return {{"name", c.name},
+            {"state", health_state_name(c.state)},
+            {"reason", c.reason},
+            {"vm_id", c.vm_id},
+            {"changed_us", c.changed_us}};
+  }
+
+  void flush_health() {
+    auto taken = health_.take_change();
+    if (!taken) return;
+    auto change = std::make_shared<HealthChange>(std::move(*taken));
+    json changed = json::array();
+    for (const auto& c : change->changed) changed.push_back(health_check_json(c));
+    auto payload =
+        std::make_shared<json>(json{{"state", health_state_name(change->state)},
+                                    {"previous_state", health_state_name(change->previous)},
+                                    {"maintenance", change->maintenance},
+                                    {"changed", std::move(changed)},
+                                    {"vms_affected", change->vms_affected}});
+    if (change->state != change->previous) {
+      log_->warn("node health {} -> {}", health_state_name(change->previous),
+                 health_state_name(change->state));
+    }
+    write(
+        [this, payload](StateTxn& txn, std::vector<EventRecord>& events) {
+          return append(txn, "HealthChanged", "node", *payload, events);
+        },
+        [this, change, payload](const Status& s, const std::vector<EventRecord>& events) {
+          EventRecord ev;
+          if (s.is_ok() && !events.empty()) {
+            ev = events.front();
+          } else {
+            log_->error("recording HealthChanged: {}; sending it unrecorded (seq 0)",
+                        s.to_string());
+            ev = EventRecord{.seq = 0,
+                             .ts_us = d_.clock.now_realtime_us(),
+                             .kind = "HealthChanged",
+                             .object_id = "node",
+                             .payload_json = payload->dump()};
+          }
+          if (observer_) observer_->on_health_changed(*change, ev);
+          publish(events);
+        });
+  }
+
+  void set_vm_health(const VmRecord& vm, HealthState state, std::string reason) {
+    health_.set_vm(vm.id.str(), state, std::move(reason), d_.clock.now_realtime_us());
+    health_dirty();
+  }
+
+  // Loads what start() needs for health: the persisted maintenance flag.
+  Status load_health() {
+    NM_ASSIGN_OR_RETURN(auto m, d_.store.get_setting(kMaintenanceKey));
+    if (!m) return Status::ok();
+    const json v = json::parse(*m, nullptr, false);
+    if (v.is_discarded() || !v.is_object()) {
+      return internal_error("state database: setting 'maintenance' is not a JSON object");
+    }
+    const bool on = v.value("enabled", false);
+    health_.set_maintenance(on, v.value("reason", std::string()));
+    if (on) log_->warn("node is in maintenance: new VMs are refused");
+    health_dirty();
+    return Status::ok();
+  }
+
+  HostTotals host_totals() const {
+    HostTotals h{.vcpus = opt_.host_vcpus,
+                 .memory_mib = opt_.host_memory_mib,
+                 .disk_gib = 0,
+                 .disk_reserved_gib = (opt_.disk_reserve_bytes + kGiB - 1) / kGiB};
+    if (!opt_.instances_dir.empty()) {
+      if (auto space = filesystem_space(opt_.instances_dir); space.is_ok()) {
+        h.disk_gib = space->total_bytes / kGiB;
+      }
+    }
+    return h;
+  }
+
+  // The disk a VM is counted for: its disk_gib, or its image's virtual size (GiB, rounded up).
+  uint64_t disk_gib_of(const Digest& image, uint32_t disk_gib) const {
+    if (disk_gib != 0) return disk_gib;
+    auto it = image_gib_.find(image.str());
+    if (it != image_gib_.end()) return it->second;
+    auto info = d_.images.resolve(image.str());
+    if (!info.is_ok()) return 0;  // not pulled yet: counted once it is
+    const uint64_t gib = (info->virtual_size + kGiB - 1) / kGiB;
+    image_gib_.emplace(image.str(), gib);
+    return gib;
+  }
+
+  Usage usage_of(const VmRecord& vm) const {
+    return Usage{.vms = 1,
+                 .vcpus = vm.spec.vcpus,
+                 .memory_mib = vm.spec.memory_mib,
+                 .disk_gib = disk_gib_of(vm.image_digest, vm.spec.disk_gib)};
+  }
+
+  // CreateVm admission: maintenance, then node capacity, then the tenant's quota.
+  Status admit_vm(const VmSpec& spec, const std::optional<ImageInfo>& disk) const {
+    if (health_.maintenance()) {
+      const std::string why = health_.maintenance_reason();
+      return unavailable("the node is in maintenance" + (why.empty() ? "" : " (" + why + ")") +
+                         ": new VMs are refused; place the VM on another node");
+    }
+    const Usage want{.vms = 1,
+                     .vcpus = spec.vcpus,
+                     .memory_mib = spec.memory_mib,
+                     .disk_gib = spec.disk_gib != 0 ? spec.disk_gib
+                                 : disk             ? (disk->virtual_size + kGiB - 1) / kGiB
+                                                    : 0};
+    Usage tenant;
+    for (const auto& [_, vm] : vms_) {
+      if (vm.spec.tenant == spec.tenant) tenant += usage_of(vm);
+    }
+    auto quota = opt_.tenant_quotas.find(spec.tenant.str());
+    return admit(want, capacity(), spec.tenant.str(),
+                 quota == opt_.tenant_quotas.end() ? nullptr : &quota->second, tenant);
+  }
+
+  CrashPolicy crash_policy_for(const VmSpec& spec) const {
+    CrashPolicy p = opt_.crash_policy;
+    if (spec.crash_policy) {
+      const auto& o = *spec.crash_policy;
+      if (o.max_restarts) p.max_restarts = *o.max_restarts;
+      if (o.window_s) p.window = std::chrono::seconds(*o.window_s);
+      if (o.backoff_ms) p.backoff = std::chrono::milliseconds(*o.backoff_ms);
+    }
+    return p;
+  }
+
+  static std::string describe_down(const DomainInfo& d) {
+    switch (d.cause) {
+      case DomainCause::kEmulatorGone:
+        return "QEMU process gone";
+      case DomainCause::kGuestCrashed:
+        return "guest crashed";
+      case DomainCause::kGuestShutdown:
+        return "guest powered itself off";
+      case DomainCause::kDestroyed:
+        return "forced off outside nodemanager";
+      case DomainCause::kIoError:
+      case DomainCause::kOther:
+        break;
+    }
+    return d.state == DomainState::kCrashed ? "guest crashed" : "stopped outside nodemanager";
+  }
+
+  // A VM that should run went down without a request: restart it by the crash policy (after a
+  // backoff), or, once the budget is spent, leave it "failed" and report it.
+  void on_unexpected_down(const VmRecord& vm, const DomainInfo& d) {
+    const std::string id = vm.id.str();
+    const CrashPolicy policy = crash_policy_for(vm.spec);
+    const auto decision = crashes_[id].record(policy, d_.clock.now_monotonic());
+    const std::string what = describe_down(d);
+    const bool crashed = d.cause == DomainCause::kEmulatorGone ||
+                         d.cause == DomainCause::kGuestCrashed || d.state == DomainState::kCrashed;
+    if (!decision.restart) {
+      const std::string reason =
+          what + "; " + std::to_string(decision.crashes) + " unexpected stops within " +
+          std::to_string(policy.window.count()) + " s, the crash policy allows " +
+          std::to_string(policy.max_restarts) + " restarts: not restarting";
+      log_->error("vm '{}': {}", vm.spec.name.str(), reason);
+      record_state(vm, "failed", reason);
+      set_vm_health(vm, HealthState::kFailed, reason);
+      return;
+    }
+    const std::string reason = what + "; restart " + std::to_string(decision.attempt) + " of " +
+                               std::to_string(policy.max_restarts) + " in " +
+                               std::to_string(decision.delay.count()) + " ms";
+    log_->warn("vm '{}': {}", vm.spec.name.str(), reason);
+    record_state(vm, crashed ? "crashed" : "stopped", reason);
+    set_vm_health(vm, HealthState::kDegraded, reason);
+    restart_pending_.insert(id);
+    d_.loop.post_after(decision.delay, [this, alive = alive_, id, gen = vm.generation,
+                                        attempt = decision.attempt] {
+      if (!*alive) return;
+      restart_pending_.erase(id);
+      auto it = vms_.find(id);
+      if (it == vms_.end() || it->second.deleting || it->second.power != PowerIntent::kRunning ||
+          it->second.generation != gen || queues_.count(id)) {
+        return;
+      }
+      enqueue(make_start_job(
+          job_id_for(id), it->second,
+          "restarted after an unexpected stop (restart " + std::to_string(attempt) + ")",
+          /*after_crash=*/true));
+    });
+  }
+
+  // A client asked for a power change: the crash budget starts afresh and a VM check is cleared.
+  void acknowledge_vm_health(const VmRecord& vm) {
+    crashes_.erase(vm.id.str());
+    set_vm_health(vm, HealthState::kOk, "power change requested");
   }
 
   // ---------------------------------------------------------------- helpers: lookups
@@ -1283,6 +1637,11 @@ class NodeServiceImpl final : public NodeService {
           it->second = *next;
           if (observer_) observer_->on_vm_changed(it->second);
           publish(events);
+          if (next->state == "running") {
+            set_vm_health(*next, HealthState::kOk, "running");
+          } else if (next->state == "error" && health_.check("vm:" + next->id.str())) {
+            set_vm_health(*next, HealthState::kFailed, next->state_reason);
+          }
         });
   }
 
@@ -1575,10 +1934,15 @@ class NodeServiceImpl final : public NodeService {
     enqueue(make_delete_job(job_id_for(vm.id.str()), vm));
   }
 
-  std::unique_ptr<Job> make_start_job(uint32_t id, const VmRecord& vm, std::string reason) {
+  // `after_crash`: first wait (up to kCrashSettle) until libvirt shows the domain down: the
+  // adapter may report a dead QEMU before libvirt has noticed, and starting a domain libvirt still
+  // thinks active would be a no-op.
+  std::unique_ptr<Job> make_start_job(uint32_t id, const VmRecord& vm, std::string reason,
+                                      bool after_crash = false) {
     auto job = new_vm_job(id, vm, "start");
     const DefineInput in = define_input(vm, id);
-    job->work = [this, in](JobContext& ctx) -> Status {
+    job->work = [this, in, after_crash](JobContext& ctx) -> Status {
+      if (after_crash) NM_RETURN_IF_ERROR(wait_domain_down(in.id, ctx));
       NM_RETURN_IF_ERROR(ensure_defined(in, false, ctx));
       if (ctx.cancelled) return cancelled_status();
       return d_.hypervisor.start_domain(in.id);
@@ -1602,6 +1966,27 @@ class NodeServiceImpl final : public NodeService {
     };
     job->revert = [this, vm_id, id] { revert_power(vm_id, id); };
     return job;
+  }
+
+  static constexpr std::chrono::seconds kCrashSettle{30};
+
+  // Worker: waits until the domain is not active (or gone). Unavailable after kCrashSettle.
+  Status wait_domain_down(const VmId& id, JobContext& ctx) {
+    const auto deadline = d_.clock.now_monotonic() + kCrashSettle;
+    for (;;) {
+      const uint64_t seen = ctx.seen();
+      NM_ASSIGN_OR_RETURN(auto dom, d_.hypervisor.get_domain(id));
+      if (!dom || dom->state == DomainState::kShutOff || dom->state == DomainState::kCrashed) {
+        return Status::ok();
+      }
+      if (ctx.cancelled) return cancelled_status();
+      if (d_.clock.now_monotonic() >= deadline) {
+        return unavailable("libvirt still shows the domain active " +
+                           std::to_string(kCrashSettle.count()) + " s after its QEMU exited");
+      }
+      ctx.wait_until(seen,
+                     std::min(deadline, d_.clock.now_monotonic() + std::chrono::milliseconds(200)));
+    }
   }
 
   std::unique_ptr<Job> make_stop_job(uint32_t id, const VmRecord& vm, bool force) {
@@ -1710,6 +2095,10 @@ class NodeServiceImpl final : public NodeService {
             }
             name_index_.erase(gone->spec.name.str());
             vms_.erase(gone->id.str());
+            crashes_.erase(gone->id.str());
+            restart_pending_.erase(gone->id.str());
+            health_.remove_vm(gone->id.str(), d_.clock.now_realtime_us());
+            health_dirty();
             if (ports_.erase(gone->id.str())) ++net_epoch_;
             if (observer_) observer_->on_vm_removed(gone->id);
             publish(events);
@@ -1990,19 +2379,27 @@ class NodeServiceImpl final : public NodeService {
     const std::string actual = observed_state(d->state);
     const bool down = actual == "stopped" || actual == "crashed";
     if (vm.power == PowerIntent::kRunning && down) {
+      if (restart_pending_.count(vm.id.str())) return;  // the crash policy's restart is due
       if (!vm.spec.autostart) {
-        record_state(vm, actual, "stopped outside nodemanager; autostart is off", [](VmRecord& n) {
+        const std::string what = describe_down(*d);
+        record_state(vm, actual, what + "; autostart is off", [](VmRecord& n) {
           n.power = PowerIntent::kStopped;
           n.generation += 1;
         });
+        if (d->cause != DomainCause::kGuestShutdown && !starting_) {
+          set_vm_health(vm, HealthState::kFailed, what + "; autostart is off: not restarting");
+        }
         return;
       }
-      if (vm.state == "error") return;  // a failed start waits for an explicit one
-      if (actual != vm.state) {
-        record_state(vm, actual, actual == "crashed" ? "crashed" : "stopped unexpectedly");
-      }
+      // A failed start, or a spent crash budget, waits for an explicit start.
+      if (vm.state == "error" || vm.state == "failed") return;
+      if (!starting_) return on_unexpected_down(vm, *d);
+      if (actual != vm.state) record_state(vm, actual, "found " + actual + " at start-up");
       enqueue(make_start_job(job_id_for(vm.id.str()), vm, "restored desired power state"));
       return;
+    }
+    if (actual == "paused" && d->cause == DomainCause::kIoError) {
+      set_vm_health(vm, HealthState::kFailed, "paused on a disk I/O error");
     }
     if (vm.power == PowerIntent::kStopped && actual == "running") {
       record_state(vm, actual, "started outside nodemanager; stopping it");
@@ -2346,7 +2743,17 @@ class NodeServiceImpl final : public NodeService {
   // Set to false on destruction; callbacks posted from other threads check it.
   std::shared_ptr<bool> alive_ = std::make_shared<bool>(true);
 
-  std::map<std::string, VmRecord> vms_;            // by id
+  std::map<std::string, VmRecord> vms_;  // by id
+  // Health: the model, each VM's crash history, VMs with a crash restart scheduled, the
+  // heartbeat counter, and each image's size in GiB (capacity accounting).
+  HealthModel health_;
+  std::map<std::string, CrashHistory> crashes_;
+  std::set<std::string> restart_pending_;
+  uint64_t heartbeat_seq_ = 0;
+  bool health_flush_posted_ = false;
+  bool probe_in_flight_ = false;
+  bool starting_ = false;  // start()'s reconcile: VMs found down are restored, not "crashed"
+  mutable std::map<std::string, uint64_t> image_gib_;
   std::map<std::string, std::string> name_index_;  // name -> id
   std::map<uint32_t, std::unique_ptr<Job>> jobs_;
   std::map<std::string, std::deque<uint32_t>> queues_;  // key -> job ids, head runs

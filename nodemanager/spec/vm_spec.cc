@@ -20,9 +20,11 @@ using strict_json::printable;
 using strict_json::type_name;
 
 constexpr std::string_view kRoot = "spec";
-constexpr std::array<std::string_view, 13> kTopFields = {
-    "version",  "id",           "name",         "tenant",  "vcpus",    "memory_mib", "image",
-    "disk_gib", "kernel_image", "initrd_image", "cmdline", "networks", "autostart"};
+constexpr std::array<std::string_view, 14> kTopFields = {
+    "version",    "id",       "name",      "tenant",       "vcpus",
+    "memory_mib", "image",    "disk_gib",  "kernel_image", "initrd_image",
+    "cmdline",    "networks", "autostart", "crash_policy"};
+constexpr std::array<std::string_view, 3> kCrashFields = {"max_restarts", "window_s", "backoff_ms"};
 constexpr std::array<std::string_view, 2> kNetworkFields = {"network", "ip"};
 
 // "name:tag" or "sha256:<64 hex>". Anything starting with "sha256:" is judged as a digest, so
@@ -114,6 +116,26 @@ Result<std::vector<VmNetworkAttachment>> get_networks(const json& v, std::string
   return out;
 }
 
+Result<VmCrashPolicy> get_crash_policy(const json& v, std::string_view path) {
+  if (!v.is_object()) {
+    return field_error(path, "must be an object, got " + std::string(type_name(v)));
+  }
+  NM_RETURN_IF_ERROR(check_known_fields(v, path, kCrashFields));
+  VmCrashPolicy p;
+  auto get = [&](const char* name, uint64_t lo, uint64_t hi,
+                 std::optional<uint32_t>& out) -> Status {
+    const auto it = v.find(name);
+    if (it == v.end()) return Status::ok();
+    NM_ASSIGN_OR_RETURN(uint64_t n, get_uint(*it, join(path, name), lo, hi));
+    out = static_cast<uint32_t>(n);
+    return Status::ok();
+  };
+  NM_RETURN_IF_ERROR(get("max_restarts", 0, kMaxCrashRestarts, p.max_restarts));
+  NM_RETURN_IF_ERROR(get("window_s", 1, kMaxCrashWindowS, p.window_s));
+  NM_RETURN_IF_ERROR(get("backoff_ms", 0, kMaxCrashBackoffMs, p.backoff_ms));
+  return p;
+}
+
 }  // namespace
 
 bool is_digest_ref(std::string_view ref) {
@@ -166,7 +188,8 @@ Result<VmSpec> parse_vm_spec(std::string_view json_text) {
               .initrd_image = std::nullopt,
               .cmdline = {},
               .networks = {},
-              .autostart = true};
+              .autostart = true,
+              .crash_policy = std::nullopt};
 
   NM_ASSIGN_OR_RETURN(const json* vcpus_v, required("vcpus"));
   NM_ASSIGN_OR_RETURN(uint64_t vcpus, get_uint(*vcpus_v, "spec.vcpus", kMinVcpus, kMaxVcpus));
@@ -211,6 +234,9 @@ Result<VmSpec> parse_vm_spec(std::string_view json_text) {
     }
     spec.autostart = v->get<bool>();
   }
+  if (const json* v = field("crash_policy")) {
+    NM_ASSIGN_OR_RETURN(spec.crash_policy, get_crash_policy(*v, "spec.crash_policy"));
+  }
   return spec;
 }
 
@@ -237,6 +263,13 @@ std::string vm_spec_to_json(const VmSpec& spec) {
     doc["networks"] = std::move(nets);
   }
   doc["autostart"] = spec.autostart;
+  if (spec.crash_policy) {
+    json p = json::object();
+    if (spec.crash_policy->max_restarts) p["max_restarts"] = *spec.crash_policy->max_restarts;
+    if (spec.crash_policy->window_s) p["window_s"] = *spec.crash_policy->window_s;
+    if (spec.crash_policy->backoff_ms) p["backoff_ms"] = *spec.crash_policy->backoff_ms;
+    doc["crash_policy"] = std::move(p);
+  }
   return doc.dump();
 }
 

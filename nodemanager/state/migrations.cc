@@ -86,6 +86,13 @@ CREATE TABLE ports (
 ) STRICT;
 CREATE INDEX ports_by_network ON ports (network);
 )sql"},
+    // Node-wide settings a client changed (maintenance) and the health probe's heartbeat row.
+    Migration{4, R"sql(
+CREATE TABLE settings (
+  key   TEXT PRIMARY KEY NOT NULL,
+  value TEXT NOT NULL
+) STRICT;
+)sql"},
 };
 
 }  // namespace

@@ -170,6 +170,7 @@ class SqliteTxn final : public StateTxn {
   Result<uint64_t> allocate_job_id() override;
   Status put_job(const JobRecord& job) override;
   Status delete_job(uint64_t id) override;
+  Status put_setting(const std::string& key, const std::string& value) override;
   Status put_network(const NetworkRecord& network) override;
   Status delete_network(const NetworkName& name) override;
   Status put_port(const PortRecord& port) override;
@@ -263,6 +264,14 @@ class SqliteStateStore final : public StateStore {
   }
 
   Result<uint64_t> last_event_seq() override { return meta_value("last_event_seq"); }
+
+  Result<std::optional<std::string>> get_setting(const std::string& key) override {
+    NM_ASSIGN_OR_RETURN(Stmt s, stmt("SELECT value FROM settings WHERE key = ?1"));
+    s.bind(1, key);
+    NM_ASSIGN_OR_RETURN(bool row, s.step());
+    if (!row) return std::optional<std::string>();
+    return std::optional<std::string>(s.text(0));
+  }
 
   Result<std::vector<JobRecord>> unfinished_jobs() override {
     NM_ASSIGN_OR_RETURN(Stmt s,
@@ -538,6 +547,15 @@ Status SqliteTxn::put_job(const JobRecord& job) {
   s.bind(1, to_db(job.id)).bind(2, job.kind).bind(3, job.object_id).bind(4, to_db(job.created_us));
   Status st = s.run();
   if (!st.is_ok()) return st.with_context("put job " + std::to_string(job.id));
+  return Status::ok();
+}
+
+Status SqliteTxn::put_setting(const std::string& key, const std::string& value) {
+  NM_ASSIGN_OR_RETURN(Stmt s,
+                      store_.stmt("INSERT INTO settings (key, value) VALUES (?1, ?2) "
+                                  "ON CONFLICT (key) DO UPDATE SET value = excluded.value"));
+  Status st = s.bind(1, key).bind(2, value).run();
+  if (!st.is_ok()) return st.with_context("put setting '" + key + "'");
   return Status::ok();
 }
 

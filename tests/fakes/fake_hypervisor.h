@@ -1,9 +1,14 @@
 // In-memory Hypervisor for unit tests of the service and reconciler.
 //
-// Thread-safe like the real adapter. Lifecycle events are delivered synchronously on the thread
-// that caused them (the service posts them to its loop, as it does for libvirt's event thread).
-// Tests can inject failures per operation, add foreign domains, and change domains "behind our
-// back" to simulate drift.
+// Thread-safe like the real adapter. Lifecycle events and connection changes are delivered
+// synchronously on the thread that caused them (the service posts them to its loop, as it does
+// for libvirt's event and reconnect threads), never with the fake's lock held. Tests can inject
+// failures per operation, add foreign domains, change domains "behind our back" to simulate drift,
+// crash domains with a cause, kill a domain's emulator ahead of libvirt noticing it
+// (kill_emulator, then reap_emulator), set the host's size and drop or restore the connection.
+//
+// While disconnected (set_connected(false, ...)) every call returns Unavailable, as the real
+// adapter does while libvirtd is down; injected failures are kept for later.
 #pragma once
 
 #include <map>
@@ -64,14 +69,15 @@ class FakeHypervisor final : public Hypervisor {
         if (owner.is_ok()) d.info.owner = *owner;
       }
       ++calls_["define_domain"];
-      ev = {uuid, DomainEventKind::kDefined, 0};
+      ev = {uuid, DomainEventKind::kDefined, 0, DomainCause::kOther};
     }
     emit(ev);
     return Status::ok();
   }
 
   Status start_domain(const VmId& id) override {
-    return transition(id, "start_domain", DomainState::kRunning, DomainEventKind::kStarted, true);
+    return transition(id, "start_domain", DomainState::kRunning, DomainEventKind::kStarted,
+                      DomainCause::kOther, true);
   }
   Status shutdown_domain(const VmId& id) override {
     {
@@ -83,11 +89,12 @@ class FakeHypervisor final : public Hypervisor {
       if (it->second.info.state != DomainState::kRunning) return Status::ok();
       if (ignore_acpi_) return Status::ok();  // a guest that ignores the ACPI request
     }
-    return transition(id, "", DomainState::kShutOff, DomainEventKind::kStopped, false);
+    return transition(id, "", DomainState::kShutOff, DomainEventKind::kStopped,
+                      DomainCause::kGuestShutdown, false);
   }
   Status destroy_domain(const VmId& id) override {
     return transition(id, "destroy_domain", DomainState::kShutOff, DomainEventKind::kStopped,
-                      false);
+                      DomainCause::kDestroyed, false);
   }
   Status reboot_domain(const VmId& id) override {
     std::lock_guard lock(mu_);
@@ -104,8 +111,9 @@ class FakeHypervisor final : public Hypervisor {
       std::lock_guard lock(mu_);
       NM_RETURN_IF_ERROR(take_failure("undefine_domain"));
       ++calls_["undefine_domain"];
+      emulator_dead_.erase(id.str());
       if (domains_.erase(id.str()) == 0) return Status::ok();
-      ev = {id.str(), DomainEventKind::kUndefined, 0};
+      ev = {id.str(), DomainEventKind::kUndefined, 0, DomainCause::kOther};
     }
     emit(ev);
     return Status::ok();
@@ -141,6 +149,22 @@ class FakeHypervisor final : public Hypervisor {
     return out;
   }
 
+  // The values set by set_host_info (16 CPUs and 32 GiB unless changed).
+  Result<HostInfo> host_info() override {
+    std::lock_guard lock(mu_);
+    NM_RETURN_IF_ERROR(take_failure("host_info"));
+    return host_;
+  }
+
+  bool connected() const override {
+    std::lock_guard lock(mu_);
+    return connected_;
+  }
+  void set_connection_handler(ConnectionHandler handler) override {
+    std::lock_guard lock(mu_);
+    connection_handler_ = std::move(handler);
+  }
+
   void set_event_handler(EventHandler handler) override {
     std::lock_guard lock(mu_);
     handler_ = std::move(handler);
@@ -163,12 +187,74 @@ class FakeHypervisor final : public Hypervisor {
     ignore_acpi_ = v;
   }
   // Changes a domain's state as if it happened outside nodemanager, and emits the event.
-  void set_state_behind_our_back(const std::string& uuid, DomainState state, DomainEventKind kind) {
+  void set_state_behind_our_back(const std::string& uuid, DomainState state, DomainEventKind kind,
+                                 DomainCause cause = DomainCause::kOther) {
     {
       std::lock_guard lock(mu_);
-      domains_.at(uuid).info.state = state;
+      DomainInfo& info = domains_.at(uuid).info;
+      info.state = state;
+      info.cause = cause;
+      if (state != DomainState::kRunning) emulator_dead_.erase(uuid);
     }
-    emit({uuid, kind, 0});
+    emit({uuid, kind, 0, cause});
+  }
+  // The domain `uuid` (which must exist) fails as libvirt reports it: kIoError pauses it (event
+  // kSuspended); every other cause shuts it off (event kStopped), as QEMU with on_crash=destroy
+  // does. The domain's `cause` and the event's carry `cause`.
+  void crash(const std::string& uuid, DomainCause cause) {
+    if (cause == DomainCause::kIoError) {
+      set_state_behind_our_back(uuid, DomainState::kPaused, DomainEventKind::kSuspended, cause);
+    } else {
+      set_state_behind_our_back(uuid, DomainState::kShutOff, DomainEventKind::kStopped, cause);
+    }
+  }
+  // The QEMU of running domain `uuid` dies: kEmulatorExited (cause kEmulatorGone) is delivered
+  // at once, as the adapter's pidfd watch does, while the domain stays "running", as libvirt
+  // reports it until it has reaped the process. reap_emulator() ends that lag.
+  void kill_emulator(const std::string& uuid) {
+    {
+      std::lock_guard lock(mu_);
+      if (domains_.at(uuid).info.state != DomainState::kRunning) return;
+      emulator_dead_.insert(uuid);
+    }
+    emit({uuid, DomainEventKind::kEmulatorExited, 0, DomainCause::kEmulatorGone});
+  }
+  // libvirt catches up with a kill_emulator(): the domain turns shut off (cause kEmulatorGone)
+  // and the usual kStopped event (cause kEmulatorGone) follows. No-op without a kill before.
+  void reap_emulator(const std::string& uuid) {
+    {
+      std::lock_guard lock(mu_);
+      if (emulator_dead_.erase(uuid) == 0) return;
+      DomainInfo& info = domains_.at(uuid).info;
+      info.state = DomainState::kShutOff;
+      info.cause = DomainCause::kEmulatorGone;
+    }
+    emit({uuid, DomainEventKind::kStopped, 0, DomainCause::kEmulatorGone});
+  }
+  // With `on`, a destroy_domain() or completed shutdown_domain() of a running domain delivers
+  // kEmulatorExited before its kStopped, as the adapter does on qemu:///system (its QEMU exits).
+  // Off by default.
+  void set_emulator_exit_events(bool on) {
+    std::lock_guard lock(mu_);
+    emulator_exit_events_ = on;
+  }
+  // What host_info() returns from now on.
+  void set_host_info(HostInfo info) {
+    std::lock_guard lock(mu_);
+    host_ = info;
+  }
+  // Drops (false) or restores (true) the connection. On a change, connected() shows the new
+  // value and then the connection handler is called with (`up`, `reason`) on this thread, as the
+  // adapter does on its reconnect thread; setting the current value again calls nothing.
+  void set_connected(bool up, const std::string& reason = {}) {
+    ConnectionHandler h;
+    {
+      std::lock_guard lock(mu_);
+      if (connected_ == up) return;
+      connected_ = up;
+      h = connection_handler_;
+    }
+    if (h) h(up, up ? std::string() : reason);
   }
   void remove_behind_our_back(const std::string& uuid) {
     std::lock_guard lock(mu_);
@@ -215,6 +301,7 @@ class FakeHypervisor final : public Hypervisor {
     return xml.substr(a + open.size(), b - a - open.size());
   }
   Status take_failure(const std::string& op) {
+    if (!connected_) return unavailable("fake: hypervisor disconnected during '" + op + "'");
     auto it = failures_.find(op);
     if (it == failures_.end()) return Status::ok();
     Status s = it->second;
@@ -222,8 +309,9 @@ class FakeHypervisor final : public Hypervisor {
     return s;
   }
   Status transition(const VmId& id, const std::string& op, DomainState to, DomainEventKind kind,
-                    bool must_exist) {
+                    DomainCause cause, bool must_exist) {
     DomainEvent ev;
+    bool exited = false;
     {
       std::lock_guard lock(mu_);
       if (!op.empty()) {
@@ -236,9 +324,15 @@ class FakeHypervisor final : public Hypervisor {
         return Status::ok();
       }
       if (it->second.info.state == to) return Status::ok();
+      exited = emulator_exit_events_ && kind == DomainEventKind::kStopped &&
+               it->second.info.state == DomainState::kRunning &&
+               emulator_dead_.count(id.str()) == 0;
+      emulator_dead_.erase(id.str());
       it->second.info.state = to;
-      ev = {id.str(), kind, 0};
+      it->second.info.cause = cause;
+      ev = {id.str(), kind, 0, cause};
     }
+    if (exited) emit({id.str(), DomainEventKind::kEmulatorExited, 0, DomainCause::kEmulatorGone});
     emit(ev);
     return Status::ok();
   }
@@ -257,7 +351,12 @@ class FakeHypervisor final : public Hypervisor {
   std::map<std::string, Status> failures_;
   std::map<std::string, int> calls_;
   EventHandler handler_;
+  ConnectionHandler connection_handler_;
+  HostInfo host_{.cpus = 16, .memory_bytes = uint64_t{32} << 30};
+  std::set<std::string> emulator_dead_;  // killed by kill_emulator, not yet reaped
+  bool connected_ = true;
   bool ignore_acpi_ = false;
+  bool emulator_exit_events_ = false;
 };
 
 }  // namespace nm::testing

@@ -2,6 +2,7 @@
 // image copies) runs on a WorkerPool and posts its result back through a LoopExecutor.
 #pragma once
 
+#include <chrono>
 #include <functional>
 #include <memory>
 
@@ -13,6 +14,8 @@ class LoopExecutor {
   virtual ~LoopExecutor() = default;
   // Thread-safe. Queues `fn` to run on the loop thread, in posting order. Never runs it inline.
   virtual void post(std::function<void()> fn) = 0;
+  // Thread-safe. Queues `fn` to run on the loop thread once `delay` has passed (CLOCK_MONOTONIC).
+  virtual void post_after(std::chrono::milliseconds delay, std::function<void()> fn) = 0;
 };
 
 // Threads for blocking work. Threads start on demand, when every running one is busy, up to

@@ -49,6 +49,7 @@ struct HealthSnapshot {
   HealthState state = HealthState::kOk;
   bool maintenance = false;
   std::string maintenance_reason;
+  uint64_t heartbeat_seq = 0;       // the last Heartbeat sent (set by the service)
   std::vector<HealthCheck> checks;  // host checks by name, then VM checks by id
 };
 

@@ -3,8 +3,8 @@
 // Adapter: LibvirtHypervisor (nodemanager/libvirt/). Fake: tests/fakes/fake_hypervisor.h.
 //
 // Threading: every method is thread-safe and may block (it is called from job worker threads,
-// never from the event loop). The event handler is called on the adapter's own event thread; it
-// must not block and must not throw.
+// never from the event loop). The event handler is called on the adapter's own threads, one call
+// at a time; it must not block and must not throw.
 #pragma once
 
 #include <cstdint>
@@ -54,11 +54,40 @@ inline std::string_view domain_state_name(DomainState s) {
   return "nostate";
 }
 
+// Why a domain is in its state, or why an event happened, where health cares (the adapter maps
+// libvirt's state reasons and event details onto these).
+enum class DomainCause {
+  kOther,
+  kIoError,        // paused (or suspended event) because a disk I/O failed
+  kEmulatorGone,   // stopped because the QEMU process died (killed, crashed, OOM-killed)
+  kGuestCrashed,   // the guest OS crashed (panic device), or "crashed" state
+  kGuestShutdown,  // the guest powered itself off
+  kDestroyed,      // forced off by a management call (ours or someone else's)
+};
+inline std::string_view domain_cause_name(DomainCause c) {
+  switch (c) {
+    case DomainCause::kOther:
+      return "other";
+    case DomainCause::kIoError:
+      return "io-error";
+    case DomainCause::kEmulatorGone:
+      return "emulator-gone";
+    case DomainCause::kGuestCrashed:
+      return "guest-crashed";
+    case DomainCause::kGuestShutdown:
+      return "guest-shutdown";
+    case DomainCause::kDestroyed:
+      return "destroyed";
+  }
+  return "other";
+}
+
 struct DomainInfo {
   std::string uuid;  // libvirt's UUID (equals the VmId for our domains)
   std::string name;
   DomainState state = DomainState::kNoState;
-  int reason = 0;  // libvirt's state reason, for logs
+  int reason = 0;                           // libvirt's state reason, for logs
+  DomainCause cause = DomainCause::kOther;  // `reason` in the project's terms
   bool persistent = true;
   std::optional<DomainOwner> owner;  // set when the domain carries our metadata element
 };
@@ -73,13 +102,25 @@ enum class DomainEventKind {
   kShutdown,
   kCrashed,
   kPMSuspended,
+  // The emulator (QEMU) process of a running domain exited, seen by the adapter itself (a pidfd)
+  // the moment it happened. libvirt's own kStopped follows once libvirt has reaped the process,
+  // which can take from 200 ms to seconds; until then libvirt still reports the domain running.
+  // cause is kEmulatorGone.
+  kEmulatorExited,
   kOther
 };
 
 struct DomainEvent {
   std::string uuid;
   DomainEventKind kind = DomainEventKind::kOther;
-  int detail = 0;  // libvirt's detail code
+  int detail = 0;                           // libvirt's detail code
+  DomainCause cause = DomainCause::kOther;  // `detail` in the project's terms
+};
+
+// The host as the hypervisor sees it (capacity accounting).
+struct HostInfo {
+  uint32_t cpus = 0;          // logical CPUs
+  uint64_t memory_bytes = 0;  // physical memory
 };
 
 class Hypervisor {
@@ -117,6 +158,19 @@ class Hypervisor {
   virtual Status delete_overlay(const VmId& id) = 0;
   // The VM ids that have an overlay volume (for orphan detection).
   virtual Result<std::vector<VmId>> list_overlays() = 0;
+
+  // The host's CPUs and memory. Unavailable while disconnected.
+  virtual Result<HostInfo> host_info() = 0;
+
+  // Whether the connection to the hypervisor is up right now (no I/O; the adapter's view).
+  virtual bool connected() const = 0;
+  // Installs the connection handler (replacing any previous one): called on an adapter thread with
+  // false and a reason when the connection is lost (libvirtd died or restarted, a keepalive timed
+  // out), and with true once the adapter has reconnected by itself (with backoff) and re-registered
+  // its event callbacks. Events that happened while disconnected are not replayed: the caller
+  // audits after a reconnect. Must not block and must not throw.
+  using ConnectionHandler = std::function<void(bool connected, const std::string& reason)>;
+  virtual void set_connection_handler(ConnectionHandler handler) = 0;
 
   using EventHandler = std::function<void(const DomainEvent&)>;
   // Installs the lifecycle-event handler (replacing any previous one). A replaced handler may

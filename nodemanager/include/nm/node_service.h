@@ -15,11 +15,14 @@
 #include <string_view>
 #include <vector>
 
+#include "nm/capacity.h"
 #include "nm/core/clock.h"
 #include "nm/core/fs.h"
 #include "nm/core/ids.h"
 #include "nm/core/status.h"
 #include "nm/executor.h"
+#include "nm/health.h"
+#include "nm/health_probes.h"
 #include "nm/hypervisor.h"
 #include "nm/imagestore/image_source.h"
 #include "nm/imagestore/image_store.h"
@@ -52,6 +55,24 @@ struct ServiceOptions {
   // CreateVm is refused (InsufficientCapacity) while the filesystem of instances_dir has less
   // than this free: VM disks are thin overlays that grow into it. Default 1 GiB.
   uint64_t disk_reserve_bytes = uint64_t{1} << 30;
+  // ---- Health and capacity (issue 5; docs/operations.md "Read health") ----
+  // Where the image cache lives: the image-disk check probes its filesystem. Empty: no check.
+  std::string images_dir;
+  DiskThresholds disk_thresholds;
+  PsiThresholds psi_thresholds;
+  // /proc/pressure/memory; empty: no memory-pressure check.
+  std::string psi_path = "/proc/pressure/memory";
+  // Host totals for capacity: 0 means what the hypervisor reports (read by start()); disk is the
+  // instances filesystem, measured when asked.
+  uint32_t host_vcpus = 0;
+  uint64_t host_memory_mib = 0;
+  CapacityOptions capacity;
+  std::map<std::string, TenantQuota> tenant_quotas;  // by tenant; absent: unlimited
+  // What happens when a VM that should run goes down without being asked to (its QEMU process
+  // died, the guest crashed or powered off): restart after backoff up to max_restarts times in
+  // the window, then state "failed" and a failed VM health check. A spec's crash_policy
+  // overrides it per VM.
+  CrashPolicy crash_policy;
   // Testing aid: each job sleeps this long between its steps (interruptible by Cancel), to widen
   // crash windows in tests. Default 0; never set in production.
   std::chrono::milliseconds debug_job_delay{0};
@@ -82,6 +103,16 @@ struct ImageEntry {
   std::vector<std::string> users;
 };
 
+// One Heartbeat: a sequence number counting from 1 at each daemon start, the wall clock, the
+// node's state and a capacity summary (keys in docs/dbus-api.md).
+struct Heartbeat {
+  uint64_t seq = 0;
+  uint64_t timestamp_us = 0;
+  HealthState state = HealthState::kOk;
+  bool maintenance = false;
+  std::map<std::string, uint64_t> summary;
+};
+
 struct JobOutcome {
   std::string result;  // "done", "failed", "cancelled"
   Status error;        // OK unless failed
@@ -107,6 +138,13 @@ class ServiceObserver {
                               const EventRecord& event) = 0;
   // Every event appended to the ring (JobRemoved included), after it was committed.
   virtual void on_event(const EventRecord& event) = 0;
+  // A HealthChanged, after its event was committed (`event.seq` is 0 when the state database
+  // could not record it: the state-db check then says why). on_event follows for a recorded one.
+  virtual void on_health_changed(const HealthChange& change, const EventRecord& event) {
+    (void)change;
+    (void)event;
+  }
+  virtual void on_heartbeat(const Heartbeat& beat) { (void)beat; }
 };
 
 class NodeService {
@@ -195,6 +233,23 @@ class NodeService {
     (void)object;
     (void)what;
   }
+  // ---- Health, capacity, maintenance ----
+  virtual HealthSnapshot health() const = 0;
+  virtual std::vector<ResourceCapacity> capacity() const = 0;
+  // Drain (true): CreateVm is refused with Unavailable, running VMs keep running; persisted
+  // across restarts. Idempotent; raises HealthChanged when the flag flips.
+  virtual Status set_maintenance(bool enabled, std::string_view reason,
+                                 std::string_view request_id) = 0;
+  // Sets a host check the daemon feeds from outside the service (the libvirt connection, the
+  // uplink's netlink events). Loop thread.
+  virtual void set_host_check(const std::string& name, HealthState state, std::string reason) = 0;
+  // Runs the probing checks (state-db, image-disk, memory-pressure); the I/O runs on a worker.
+  virtual void probe_health() = 0;
+  // Emits one Heartbeat to the observer; returns it.
+  virtual Heartbeat heartbeat() = 0;
+  // Whether the systemd watchdog may be fed: the libvirt connection is not failed.
+  virtual bool watchdog_healthy() const = 0;
+
   // Jobs queued or running (for STATUS= lines and clean shutdown).
   virtual size_t active_jobs() const = 0;
   // Before the daemon exits: asks running jobs to stop at their next step. Nothing is lost:

@@ -113,6 +113,8 @@ class StateTxn {
   // Inserts a port. AlreadyExists when its MAC, tap name or (network, ip) is taken. A VM's
   // ports go with delete_vm().
   virtual Status put_port(const PortRecord& port) = 0;
+  // Node-wide settings ("maintenance" ...): insert or replace by key.
+  virtual Status put_setting(const std::string& key, const std::string& value) = 0;
 };
 
 struct SqliteOptions {
@@ -141,6 +143,8 @@ class StateStore {
   // Every network, by name; every port, by VM id then network.
   virtual Result<std::vector<NetworkRecord>> list_networks() = 0;
   virtual Result<std::vector<PortRecord>> list_ports() = 0;
+  // The setting's value, or nullopt when never set.
+  virtual Result<std::optional<std::string>> get_setting(const std::string& key) = 0;
   // The schema version after migrations.
   virtual int schema_version() const = 0;
 };

@@ -33,6 +33,17 @@ struct VmNetworkAttachment {
   bool operator==(const VmNetworkAttachment&) const = default;
 };
 
+// Per-VM override of the node's crash-restart policy (every field optional: the node's default).
+inline constexpr uint32_t kMaxCrashRestarts = 100;
+inline constexpr uint32_t kMaxCrashWindowS = 7 * 24 * 3600;
+inline constexpr uint32_t kMaxCrashBackoffMs = 3600 * 1000;
+struct VmCrashPolicy {
+  std::optional<uint32_t> max_restarts;  // 0..100; 0: never restart, report at once
+  std::optional<uint32_t> window_s;      // 1..604800
+  std::optional<uint32_t> backoff_ms;    // 0..3600000, doubled per restart in the window
+  bool operator==(const VmCrashPolicy&) const = default;
+};
+
 struct VmSpec {
   std::optional<VmId> id;  // absent: the node generates one
   VmName name = VmName::trusted("unnamed");
@@ -48,6 +59,7 @@ struct VmSpec {
   std::string cmdline;                      // requires kernel_image; printable, no <>&"'
   std::vector<VmNetworkAttachment> networks;
   bool autostart = true;  // the reconciler restores the desired power state after any restart
+  std::optional<VmCrashPolicy> crash_policy;
 
   bool operator==(const VmSpec&) const = default;
 };

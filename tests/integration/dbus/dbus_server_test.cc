@@ -15,6 +15,8 @@
 #include <signal.h>
 #include <spawn.h>
 #include <sys/mman.h>
+#include <sys/socket.h>
+#include <sys/un.h>
 #include <sys/wait.h>
 #include <systemd/sd-bus.h>
 #include <unistd.h>
@@ -424,6 +426,31 @@ class FakeNodeService final : public NodeService {
   void on_domain_event(const DomainEvent&) override {}
   void audit() override {}
   size_t active_jobs() const override { return 0; }
+  HealthSnapshot health() const override {
+    std::lock_guard l(mu_);
+    return health_;
+  }
+  std::vector<ResourceCapacity> capacity() const override {
+    return {ResourceCapacity{.resource = "vcpus",
+                             .total = 16,
+                             .reserved = 2,
+                             .ratio = 4.0,
+                             .capacity = 56,
+                             .allocated = 3}};
+  }
+  Status set_maintenance(bool enabled, std::string_view reason,
+                         std::string_view request_id) override {
+    return record("set_maintenance(" + std::to_string(enabled) + "," + std::string(reason) + "," +
+                  std::string(request_id) + ")");
+  }
+  void set_host_check(const std::string&, HealthState, std::string) override {}
+  void probe_health() override {}
+  Heartbeat heartbeat() override { return {}; }
+  bool watchdog_healthy() const override { return true; }
+  void set_health(HealthSnapshot h) {
+    std::lock_guard l(mu_);
+    health_ = std::move(h);
+  }
 
  private:
   Status record(std::string call) const {
@@ -442,6 +469,7 @@ class FakeNodeService final : public NodeService {
   }
 
   mutable std::mutex mu_;
+  HealthSnapshot health_;
   mutable std::vector<std::string> calls_;
   mutable std::optional<Status> fail_next_;
   mutable bool throw_next_ = false;
@@ -562,7 +590,73 @@ TEST(SdEventLoop, WatchdogIsHarmlessWithoutAServiceManager) {
   ::unsetenv("WATCHDOG_USEC");
   auto loop = SdEventLoop::create();
   ASSERT_TRUE(loop.is_ok());
-  EXPECT_TRUE((*loop)->enable_watchdog().is_ok());
+  EXPECT_TRUE((*loop)->enable_watchdog(nullptr).is_ok());
+}
+
+// WATCHDOG=1 reaches the service manager (a socket this test serves) only while healthy() holds.
+TEST(SdEventLoop, WatchdogFeedsOnlyWhileHealthy) {
+  const std::string path = ::testing::TempDir() + "nm-notify-" + std::to_string(::getpid());
+  ::unlink(path.c_str());
+  const int sock = ::socket(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
+  ASSERT_GE(sock, 0);
+  sockaddr_un addr{};
+  addr.sun_family = AF_UNIX;
+  std::snprintf(addr.sun_path, sizeof addr.sun_path, "%s", path.c_str());
+  ASSERT_EQ(::bind(sock, reinterpret_cast<sockaddr*>(&addr), sizeof addr), 0);
+  ::setenv("NOTIFY_SOCKET", path.c_str(), 1);
+  ::setenv("WATCHDOG_USEC", "100000", 1);  // 100 ms: a ping every 50 ms
+  ::unsetenv("WATCHDOG_PID");
+  auto loop = SdEventLoop::create();
+  ASSERT_TRUE(loop.is_ok());
+  std::atomic<bool> healthy{true};
+  ASSERT_TRUE((*loop)->enable_watchdog([&] { return healthy.load(); }).is_ok());
+  auto pings = [&] {
+    int n = 0;
+    char buf[256];
+    for (;;) {
+      const ssize_t got = ::recv(sock, buf, sizeof buf - 1, 0);
+      if (got <= 0) return n;
+      buf[got] = 0;
+      if (std::string(buf).find("WATCHDOG=1") != std::string::npos) ++n;
+    }
+  };
+  int fed = 0;
+  int starved = 0;
+  (*loop)->post_after(std::chrono::milliseconds(400), [&] {
+    fed = pings();
+    healthy = false;
+  });
+  (*loop)->post_after(std::chrono::milliseconds(800), [&] {
+    starved = pings();
+    (*loop)->exit(0);
+  });
+  ASSERT_TRUE((*loop)->run().is_ok());
+  ::unsetenv("NOTIFY_SOCKET");
+  ::unsetenv("WATCHDOG_USEC");
+  ::close(sock);
+  ::unlink(path.c_str());
+  EXPECT_GE(fed, 4) << "a ping every 50 ms for 400 ms";
+  EXPECT_EQ(starved, 0);
+}
+
+// post_after runs once, after its delay, in due order.
+TEST(SdEventLoop, PostAfterRunsOnceAfterItsDelay) {
+  auto loop = SdEventLoop::create();
+  ASSERT_TRUE(loop.is_ok());
+  std::vector<int> order;
+  const auto t0 = std::chrono::steady_clock::now();
+  std::chrono::steady_clock::duration first{};
+  (*loop)->post_after(std::chrono::milliseconds(120), [&] {
+    order.push_back(2);
+    (*loop)->exit(0);
+  });
+  (*loop)->post_after(std::chrono::milliseconds(60), [&] {
+    order.push_back(1);
+    first = std::chrono::steady_clock::now() - t0;
+  });
+  ASSERT_TRUE((*loop)->run().is_ok());
+  EXPECT_EQ(order, (std::vector<int>{1, 2}));
+  EXPECT_GE(first, std::chrono::milliseconds(60));
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -18,8 +18,8 @@ AuthzPolicy policy() {
 }
 
 TEST(AuthzTest, MethodsAreClassifiedAndUnknownOnesNeedMutate) {
-  for (const char* m :
-       {"GetVm", "ListVms", "ListImages", "GetNetwork", "ListNetworks", "GetEvents"}) {
+  for (const char* m : {"GetVm", "ListVms", "ListImages", "GetNetwork", "ListNetworks", "GetEvents",
+                        "GetHealth", "GetCapacity"}) {
     EXPECT_EQ(access_of(kManager, m), Access::kRead) << m;
   }
   EXPECT_EQ(access_of(kManager, "SetMaintenance"), Access::kOperate);

@@ -12,6 +12,7 @@
 #include <filesystem>
 #include <fstream>
 #include <future>
+#include <map>
 #include <mutex>
 #include <nlohmann/json.hpp>
 
@@ -38,7 +39,15 @@ class ManualLoop final : public LoopExecutor {
     }
     cv_.notify_all();
   }
-  // Runs posted functions until `done()` holds; false after `timeout`.
+  void post_after(std::chrono::milliseconds delay, std::function<void()> fn) override {
+    {
+      std::lock_guard lock(mu_);
+      delayed_.emplace(std::chrono::steady_clock::now() + delay, std::move(fn));
+    }
+    cv_.notify_all();
+  }
+  // Runs posted functions (and delayed ones once due) until `done()` holds; false after
+  // `timeout`.
   bool run_until(const std::function<bool()>& done, std::chrono::milliseconds timeout = 5s) {
     const auto deadline = std::chrono::steady_clock::now() + timeout;
     for (;;) {
@@ -46,7 +55,18 @@ class ManualLoop final : public LoopExecutor {
       std::function<void()> fn;
       {
         std::unique_lock lock(mu_);
-        if (!cv_.wait_until(lock, deadline, [&] { return !queue_.empty(); })) return done();
+        for (;;) {
+          const auto now = std::chrono::steady_clock::now();
+          while (!delayed_.empty() && delayed_.begin()->first <= now) {
+            queue_.push_back(std::move(delayed_.begin()->second));
+            delayed_.erase(delayed_.begin());
+          }
+          if (!queue_.empty()) break;
+          if (now >= deadline) return done();
+          auto until = deadline;
+          if (!delayed_.empty()) until = std::min(until, delayed_.begin()->first);
+          cv_.wait_until(lock, until);
+        }
         fn = std::move(queue_.front());
         queue_.pop_front();
       }
@@ -58,6 +78,7 @@ class ManualLoop final : public LoopExecutor {
   std::mutex mu_;
   std::condition_variable cv_;
   std::deque<std::function<void()>> queue_;
+  std::multimap<std::chrono::steady_clock::time_point, std::function<void()>> delayed_;
 };
 
 class RecordingObserver final : public ServiceObserver {
@@ -71,6 +92,14 @@ class RecordingObserver final : public ServiceObserver {
     finished[job.id] = outcome;
   }
   void on_event(const EventRecord& e) override { events.push_back(e); }
+  void on_health_changed(const HealthChange& c, const EventRecord& e) override {
+    health_changes.push_back(c);
+    health_seqs.push_back(e.seq);
+  }
+  void on_heartbeat(const Heartbeat& b) override { heartbeats.push_back(b); }
+  std::vector<HealthChange> health_changes;
+  std::vector<uint64_t> health_seqs;
+  std::vector<Heartbeat> heartbeats;
 
   std::vector<std::string> states_of(const std::string& vm_id) const {
     std::vector<std::string> out;
@@ -855,6 +884,11 @@ class GatedHypervisor final : public Hypervisor {
     return hv_.list_overlays();
   }
   void set_event_handler(EventHandler h) override { hv_.set_event_handler(std::move(h)); }
+  Result<HostInfo> host_info() override { return hv_.host_info(); }
+  bool connected() const override { return hv_.connected(); }
+  void set_connection_handler(ConnectionHandler h) override {
+    hv_.set_connection_handler(std::move(h));
+  }
 
   void close() {
     std::lock_guard lock(mu_);
@@ -1333,6 +1367,232 @@ TEST_F(NodeServiceNetworks, AFailedNetworkTurnsReadyOnceTheAuditBuildsItAndIsRep
     return service_->get_network("blue")->state == "ready";
   }));
   EXPECT_TRUE(links_.has("nmvx4097"));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Health, capacity, maintenance, crash policy (issue 5)
+
+TEST_F(NodeServiceTest, DrainRefusesNewVmsKeepsRunningOnesAndSurvivesARestart) {
+  const VmId a = create("a");
+  wait_done(*service_->start_vm("a", ""));
+  ASSERT_TRUE(service_->set_maintenance(true, "kernel upgrade", "drain-1").is_ok());
+  ASSERT_TRUE(loop_.run_until([&] { return !obs_.health_changes.empty(); }));
+  EXPECT_TRUE(obs_.health_changes.back().maintenance);
+  EXPECT_GT(obs_.health_seqs.back(), 0u) << "recorded in the event ring";
+  auto r = service_->create_vm(spec("b"), "");
+  EXPECT_EQ(r.status().code(), Code::kUnavailable);
+  EXPECT_NE(r.status().message().find("kernel upgrade"), std::string::npos);
+  EXPECT_FALSE(service_->get_vm("b").is_ok()) << "a refused create changes nothing";
+  EXPECT_EQ(state(a), "running");
+  EXPECT_EQ(hv_.domain(a.str())->info.state, DomainState::kRunning);
+  EXPECT_TRUE(service_->heartbeat().maintenance);
+
+  open_service();
+  ASSERT_TRUE(settle());
+  EXPECT_TRUE(service_->health().maintenance) << "persisted";
+  EXPECT_EQ(service_->health().maintenance_reason, "kernel upgrade");
+  EXPECT_EQ(service_->create_vm(spec("b"), "").status().code(), Code::kUnavailable);
+  EXPECT_TRUE(service_->set_maintenance(true, "kernel upgrade", "drain-1").is_ok())
+      << "a retried request id is answered";
+  EXPECT_EQ(service_->set_maintenance(false, "", "drain-1").code(), Code::kConflict);
+  ASSERT_TRUE(service_->set_maintenance(false, "", "").is_ok());
+  EXPECT_TRUE(service_->create_vm(spec("b"), "").is_ok());
+}
+
+TEST_F(NodeServiceTest, MaintenanceReasonIsValidated) {
+  EXPECT_EQ(service_->set_maintenance(true, std::string(300, 'x'), "").code(),
+            Code::kInvalidArgument);
+  EXPECT_EQ(service_->set_maintenance(true, "a\nb", "").code(), Code::kInvalidArgument);
+  EXPECT_FALSE(service_->health().maintenance);
+}
+
+TEST_F(NodeServiceTest, CapacityCountsEveryVmAndRefusesBeyondIt) {
+  options_.host_vcpus = 4;
+  options_.host_memory_mib = 1024;
+  options_.capacity = CapacityOptions{.reserved_vcpus = 0,
+                                      .reserved_memory_mib = 512,
+                                      .cpu_ratio = 1.0,
+                                      .memory_ratio = 1.0,
+                                      .disk_ratio = 1.0};
+  open_service();
+  create("a", "");  // 1 vCPU, 128 MiB, stopped: still counted
+  auto cap = service_->capacity();
+  ASSERT_EQ(cap.size(), 2u) << "no instances filesystem: disk is not accounted";
+  EXPECT_EQ(cap[0].resource, "vcpus");
+  EXPECT_EQ(cap[0].capacity, 4u);
+  EXPECT_EQ(cap[0].allocated, 1u);
+  EXPECT_EQ(cap[1].capacity, 512u);
+  EXPECT_EQ(cap[1].allocated, 128u);
+  auto big = service_->create_vm(
+      R"({"name":"big","tenant":"contoso","vcpus":1,"memory_mib":385,"image":"base:1"})", "");
+  EXPECT_EQ(big.status().code(), Code::kInsufficientCapacity);
+  EXPECT_NE(big.status().message().find("memory_mib: 385 requested, 384 of 512 free"),
+            std::string::npos)
+      << big.status().message();
+  auto cpus = service_->create_vm(
+      R"({"name":"cpus","tenant":"contoso","vcpus":4,"memory_mib":64,"image":"base:1"})", "");
+  EXPECT_EQ(cpus.status().code(), Code::kInsufficientCapacity);
+  EXPECT_EQ(service_->list_vms("").size(), 1u);
+  const Heartbeat hb = service_->heartbeat();
+  EXPECT_EQ(hb.summary.at("vcpus_allocated"), 1u);
+  EXPECT_EQ(hb.summary.at("memory_mib_capacity"), 512u);
+  EXPECT_EQ(hb.summary.at("vms"), 1u);
+  EXPECT_EQ(service_->heartbeat().seq, hb.seq + 1);
+}
+
+TEST_F(NodeServiceTest, TenantQuotaIsPerTenant) {
+  options_.tenant_quotas["contoso"] = TenantQuota{.vms = 1, .vcpus = {}, .memory_mib = {}};
+  open_service();
+  create("a");
+  auto second = service_->create_vm(spec("b"), "");
+  EXPECT_EQ(second.status().code(), Code::kQuotaExceeded);
+  EXPECT_NE(second.status().message().find("tenant 'contoso'"), std::string::npos);
+  EXPECT_TRUE(service_->create_vm(spec("c", "fabrikam"), "").is_ok()) << "other tenants free";
+}
+
+TEST_F(NodeServiceTest, CrashedVmIsRestartedByPolicyThenLeftFailedAndReported) {
+  options_.crash_policy = CrashPolicy{.max_restarts = 2,
+                                      .window = std::chrono::seconds(600),
+                                      .backoff = std::chrono::milliseconds(20)};
+  open_service();
+  const VmId id = create("a");
+  wait_done(*service_->start_vm("a", ""));
+  for (int round = 1; round <= 2; ++round) {
+    const size_t seen = obs_.states_of(id.str()).size();
+    hv_.crash(id.str(), DomainCause::kEmulatorGone);
+    ASSERT_TRUE(loop_.run_until([&] {
+      auto st = obs_.states_of(id.str());
+      return st.size() >= seen + 2 && st.back() == "running";
+    })) << "round "
+        << round;
+    const auto st = obs_.states_of(id.str());
+    EXPECT_EQ(st[seen], "crashed") << "round " << round;
+    EXPECT_EQ(hv_.domain(id.str())->info.state, DomainState::kRunning);
+  }
+  ASSERT_TRUE(settle());
+  // Crashes 1 and 2 made the node degraded then ok again; VM checks are gone while it runs.
+  EXPECT_EQ(service_->health().state, HealthState::kOk);
+  EXPECT_FALSE(obs_.health_changes.empty());
+  EXPECT_EQ(obs_.health_changes.front().vms_affected, std::vector<std::string>{id.str()});
+
+  hv_.crash(id.str(), DomainCause::kEmulatorGone);  // the third: beyond the budget
+  ASSERT_TRUE(loop_.run_until([&] { return state(id) == "failed"; }));
+  loop_.run_until([] { return false; }, std::chrono::milliseconds(200));
+  EXPECT_EQ(hv_.domain(id.str())->info.state, DomainState::kShutOff) << "not restarted";
+  EXPECT_NE(service_->get_vm("a")->state_reason.find("QEMU process gone"), std::string::npos);
+  const HealthSnapshot h = service_->health();
+  EXPECT_EQ(h.state, HealthState::kDegraded) << "a failed VM degrades the node, no more";
+  ASSERT_EQ(h.checks.size(), 1u);
+  EXPECT_EQ(h.checks[0].name, "vm:" + id.str());
+  EXPECT_EQ(h.checks[0].state, HealthState::kFailed);
+  service_->audit();
+  loop_.run_until([] { return false; }, std::chrono::milliseconds(200));
+  EXPECT_EQ(hv_.domain(id.str())->info.state, DomainState::kShutOff) << "the audit leaves it";
+
+  // An explicit start clears the failure and the budget.
+  wait_done(*service_->start_vm("a", ""));
+  ASSERT_TRUE(loop_.run_until([&] { return service_->health().checks.empty(); }));
+  EXPECT_EQ(service_->health().state, HealthState::kOk);
+}
+
+// The adapter sees QEMU die before libvirt does: "crashed" is recorded at once, and the restart
+// waits until libvirt shows the domain down (starting it earlier would be a no-op).
+TEST_F(NodeServiceTest, EmulatorExitIsRecordedAtOnceAndTheRestartWaitsForLibvirt) {
+  options_.crash_policy.backoff = std::chrono::milliseconds(0);
+  open_service();
+  const VmId id = create("a");
+  wait_done(*service_->start_vm("a", ""));
+  const size_t seen = obs_.states_of(id.str()).size();
+  hv_.kill_emulator(id.str());
+  ASSERT_TRUE(loop_.run_until([&] { return obs_.states_of(id.str()).size() > seen; }));
+  EXPECT_EQ(obs_.states_of(id.str()).back(), "crashed");
+  EXPECT_NE(service_->get_vm("a")->state_reason.find("QEMU process gone"), std::string::npos);
+  loop_.run_until([] { return false; }, std::chrono::milliseconds(300));
+  EXPECT_EQ(state(id), "crashed") << "no restart while libvirt still says running";
+  hv_.reap_emulator(id.str());  // libvirt's own kStopped, later
+  ASSERT_TRUE(loop_.run_until([&] { return state(id) == "running"; }));
+  ASSERT_TRUE(settle());
+  EXPECT_EQ(hv_.domain(id.str())->info.state, DomainState::kRunning);
+  size_t crashed = 0;
+  for (const auto& st : obs_.states_of(id.str())) crashed += static_cast<size_t>(st == "crashed");
+  EXPECT_EQ(crashed, 1u) << "libvirt's later kStopped is the same crash, not a second one";
+}
+
+TEST_F(NodeServiceTest, ZeroRestartsReportsAtOnce) {
+  const VmId id = create("a", R"(,"crash_policy":{"max_restarts":0})");
+  wait_done(*service_->start_vm("a", ""));
+  hv_.crash(id.str(), DomainCause::kGuestCrashed);
+  ASSERT_TRUE(loop_.run_until([&] { return state(id) == "failed"; }));
+  EXPECT_NE(service_->get_vm("a")->state_reason.find("guest crashed"), std::string::npos);
+}
+
+TEST_F(NodeServiceTest, PausedOnIoErrorIsAFailedVmCheck) {
+  const VmId id = create("a");
+  wait_done(*service_->start_vm("a", ""));
+  hv_.crash(id.str(), DomainCause::kIoError);
+  ASSERT_TRUE(loop_.run_until([&] {
+    auto c = service_->health().checks;
+    return !c.empty() && c[0].state == HealthState::kFailed;
+  }));
+  EXPECT_EQ(service_->health().checks[0].reason, "paused on a disk I/O error");
+  EXPECT_EQ(state(id), "paused");
+}
+
+TEST_F(NodeServiceTest, VmsFoundDownAtStartUpAreRestoredWithoutCountingACrash) {
+  options_.crash_policy.max_restarts = 0;
+  open_service();
+  const VmId id = create("a");
+  wait_done(*service_->start_vm("a", ""));
+  service_->shutdown();
+  hv_.set_state_behind_our_back(id.str(), DomainState::kShutOff, DomainEventKind::kStopped,
+                                DomainCause::kOther);  // the host rebooted meanwhile
+  open_service();
+  ASSERT_TRUE(settle());
+  EXPECT_EQ(state(id), "running");
+  EXPECT_TRUE(service_->health().checks.empty());
+}
+
+TEST_F(NodeServiceTest, HostChecksMakeTheNodeStateAndProbesRun) {
+  service_->set_host_check("uplink", HealthState::kFailed, "interface 'ul0' has no carrier");
+  ASSERT_TRUE(loop_.run_until([&] { return !obs_.health_changes.empty(); }));
+  EXPECT_EQ(obs_.health_changes.back().state, HealthState::kFailed);
+  EXPECT_EQ(service_->health().state, HealthState::kFailed);
+  EXPECT_TRUE(service_->watchdog_healthy()) << "only libvirt's failure starves the watchdog";
+  service_->set_host_check("libvirt", HealthState::kFailed, "connection lost");
+  EXPECT_FALSE(service_->watchdog_healthy());
+  service_->set_host_check("libvirt", HealthState::kOk, "reconnected");
+  service_->set_host_check("uplink", HealthState::kOk, "up");
+  ASSERT_TRUE(
+      loop_.run_until([&] { return obs_.health_changes.back().state == HealthState::kOk; }));
+
+  options_.images_dir = (dir_ / "images").string();
+  options_.psi_path = (dir_ / "psi").string();
+  std::ofstream(dir_ / "psi") << "some avg10=95.00 avg60=1 avg300=1 total=1\n"
+                                 "full avg10=70.00 avg60=1 avg300=1 total=1\n";
+  options_.disk_thresholds =
+      DiskThresholds{.degraded_below_bytes = ~uint64_t{0} >> 1, .failed_below_bytes = 0};
+  open_service();
+  service_->probe_health();
+  ASSERT_TRUE(loop_.run_until([&] {
+    auto h = service_->health();
+    return h.checks.size() == 3;  // state-db, image-disk, memory-pressure
+  }));
+  const HealthSnapshot h = service_->health();
+  EXPECT_EQ(h.state, HealthState::kFailed);
+  std::map<std::string, HealthState> by_name;
+  for (const auto& c : h.checks) by_name[c.name] = c.state;
+  EXPECT_EQ(by_name["state-db"], HealthState::kOk);
+  EXPECT_EQ(by_name["image-disk"], HealthState::kDegraded);
+  EXPECT_EQ(by_name["memory-pressure"], HealthState::kFailed);
+  auto recorded = [&] {
+    size_t n = 0;
+    const auto events = service_->events_since(0, 10000);
+    if (!events.is_ok()) return n;
+    for (const auto& e : events.value()) n += static_cast<size_t>(e.kind == "HealthChanged");
+    return n;
+  };
+  EXPECT_TRUE(loop_.run_until([&] { return recorded() >= 3; }))
+      << "HealthChanged is in the event ring (GetEvents replays it): " << recorded();
 }
 
 }  // namespace

@@ -279,6 +279,28 @@ TEST(VmSpecRules, AutostartMustBeABoolean) {
   expect_refused(with("autostart", 1), "spec.autostart", "must be a boolean");
 }
 
+TEST(VmSpecParse, CrashPolicyOverridesRoundTrip) {
+  auto r = parse_vm_spec(with("crash_policy", {{"max_restarts", 0}, {"backoff_ms", 250}}));
+  ASSERT_TRUE(r.is_ok()) << r.status().to_string();
+  ASSERT_TRUE(r->crash_policy.has_value());
+  EXPECT_EQ(r->crash_policy->max_restarts, 0u);
+  EXPECT_FALSE(r->crash_policy->window_s.has_value());
+  EXPECT_EQ(r->crash_policy->backoff_ms, 250u);
+  auto again = parse_vm_spec(vm_spec_to_json(*r));
+  ASSERT_TRUE(again.is_ok());
+  EXPECT_EQ(*again, *r);
+  EXPECT_FALSE(parse_vm_spec(minimal().dump())->crash_policy.has_value());
+}
+
+TEST(VmSpecRules, CrashPolicyFieldsAreBoundedAndKnown) {
+  expect_refused(with("crash_policy", 3), "spec.crash_policy", "must be an object");
+  expect_refused(with("crash_policy", {{"retries", 1}}), "spec.crash_policy.retries",
+                 "unknown field");
+  expect_refused(with("crash_policy", {{"max_restarts", 101}}), "spec.crash_policy.max_restarts");
+  expect_refused(with("crash_policy", {{"window_s", 0}}), "spec.crash_policy.window_s");
+  expect_refused(with("crash_policy", {{"backoff_ms", -1}}), "spec.crash_policy.backoff_ms");
+}
+
 TEST(VmSpecRules, NetworksMustBeAShortArrayOfObjects) {
   expect_refused(with("networks", "contoso-a"), "spec.networks", "must be an array");
   json nine = json::array();

@@ -253,12 +253,25 @@ TEST_F(SqliteStateStoreTest, MigratesAnEmptyFileAndUsesWal) {
   std::ofstream(path_).close();
   ASSERT_EQ(fs::file_size(path_), 0u);
   open();
-  EXPECT_EQ(store_->schema_version(), 3);
+  EXPECT_EQ(store_->schema_version(), 4);
   ASSERT_TRUE(put(vm_named("web-1", kId1)).is_ok());
   EXPECT_TRUE(fs::exists(path_ + "-wal"));
   open();  // already migrated: a no-op
-  EXPECT_EQ(store_->schema_version(), 3);
+  EXPECT_EQ(store_->schema_version(), 4);
   EXPECT_EQ(store_->list_vms()->size(), 1u);
+}
+
+TEST_F(SqliteStateStoreTest, SettingsSurviveReopenAndReplace) {
+  open();
+  EXPECT_FALSE(store_->get_setting("maintenance")->has_value());
+  ASSERT_TRUE(
+      store_->transact([](StateTxn& t) { return t.put_setting("maintenance", "a"); }).is_ok());
+  ASSERT_TRUE(
+      store_->transact([](StateTxn& t) { return t.put_setting("maintenance", "b"); }).is_ok());
+  open();
+  auto v = store_->get_setting("maintenance");
+  ASSERT_TRUE(v.is_ok() && v->has_value());
+  EXPECT_EQ(**v, "b");
 }
 
 NetworkRecord network_named(const std::string& name, uint32_t vni) {
