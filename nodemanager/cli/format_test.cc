@@ -548,5 +548,67 @@ TEST(JobReply, TextAndJsonWithoutAndWithOutcome) {
   EXPECT_EQ(j["message"], "libvirt down");
 }
 
+TEST(NodeHealth, ExitCodesAndOutput) {
+  EXPECT_EQ(health_exit_code("ok"), 0);
+  EXPECT_EQ(health_exit_code("degraded"), 8);
+  EXPECT_EQ(health_exit_code("failed"), 9);
+  EXPECT_EQ(health_exit_code("something-new"), 9) << "unknown is not healthy";
+  const HealthReply h{.state = "failed",
+                      .maintenance = true,
+                      .maintenance_reason = "disk swap",
+                      .heartbeat_seq = 7,
+                      .checks = {{.name = "uplink",
+                                  .state = "failed",
+                                  .reason = "interface 'eth1' has no carrier",
+                                  .vm_id = "",
+                                  .changed_us = 1'000'000}}};
+  const std::string text = health_text(h, 1'000'000);
+  EXPECT_NE(text.find("node: failed (maintenance: disk swap; new VMs refused)"), std::string::npos)
+      << text;
+  EXPECT_NE(text.find("uplink"), std::string::npos);
+  EXPECT_NE(text.find("just now"), std::string::npos);
+  const json j = json::parse(health_json(h));
+  EXPECT_EQ(j["state"], "failed");
+  EXPECT_EQ(j["heartbeat_seq"], 7);
+  EXPECT_EQ(j["checks"][0]["reason"], "interface 'eth1' has no carrier");
+}
+
+TEST(NodeCapacity, TableAndJsonShowFree) {
+  const std::vector<CapacityRow> rows = {{.resource = "vcpus",
+                                          .total = 16,
+                                          .reserved = 2,
+                                          .ratio = 4.0,
+                                          .capacity = 56,
+                                          .allocated = 60}};
+  const std::string t = capacity_table(rows);
+  EXPECT_NE(t.find("RESOURCE"), std::string::npos);
+  EXPECT_NE(t.find("vcpus"), std::string::npos);
+  const json j = json::parse(capacity_json(rows));
+  EXPECT_EQ(j[0]["free"], 0) << "over-allocated (ratio lowered) shows 0 free, not a wrap-around";
+  EXPECT_EQ(j[0]["ratio"], 4.0);
+}
+
+TEST(NodeWatch, OneJsonObjectPerSignal) {
+  const json hb = json::parse(node_signal_json(HeartbeatSignal{
+      .seq = 3, .timestamp_us = 5, .state = "ok", .maintenance = false, .summary = {{"vms", 2}}}));
+  EXPECT_EQ(hb["signal"], "Heartbeat");
+  EXPECT_EQ(hb["summary"]["vms"], 2);
+  const json hc = json::parse(node_signal_json(HealthChangedSignal{
+      .seq = 9,
+      .state = "degraded",
+      .previous_state = "ok",
+      .maintenance = false,
+      .changed =
+          {{.name = "vm:x", .state = "failed", .reason = "r", .vm_id = "x", .changed_us = 1}},
+      .vms_affected = {"x"}}));
+  EXPECT_EQ(hc["signal"], "HealthChanged");
+  EXPECT_EQ(hc["changed"][0]["vm_id"], "x");
+  EXPECT_EQ(hc["vms_affected"][0], "x");
+  const NodeSignal vm = VmStateSignal{
+      .seq = 4, .vm_id = "x", .name = "web", .state = "crashed", .reason = "QEMU process gone"};
+  EXPECT_EQ(json::parse(node_signal_json(vm))["state"], "crashed");
+  EXPECT_EQ(node_signal_text(vm), "vm 4: web (x) crashed: QEMU process gone");
+}
+
 }  // namespace
 }  // namespace nm::cli
