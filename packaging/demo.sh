@@ -248,6 +248,19 @@ if [ "$real" = 1 ]; then
   grep -a NODEMANAGER-GUEST- "$log" | sed 's/^/    guest: /' || note "no boot marker yet"
 fi
 
+step "The node's health and capacity: what the fabric controller sees (Heartbeat every second)"
+show node health
+show node capacity
+
+step "Drain the node: new VMs are refused, running ones keep running"
+show node drain --reason "demo maintenance"
+sed 's/"name": "web-1"/"name": "web-2"/' "$tmp/web-1.json" >"$tmp/web-2.json"
+rc=0
+show vm create -f "$tmp/web-2.json" || rc=$?
+note "vm create while drained: refused with exit $rc (5 = Unavailable); web-1 is still running:"
+show vm list --tenant contoso
+show node undrain
+
 step "Stop one of them gracefully (ACPI power button; forced after a timeout), then delete it"
 show vm stop db-1 --wait
 show vm delete db-1 --wait
