@@ -136,6 +136,7 @@ struct BusClient::Impl {
   SlotPtr state_slot;
   SlotPtr event_job_slot;
   SlotPtr event_other_slot;
+  SlotPtr event_health_slot;
   SlotPtr progress_slot;
   SlotPtr heartbeat_slot;
   SlotPtr health_slot;
@@ -856,6 +857,8 @@ Status BusClient::watch_events() {
       impl_->add_match(&impl_->state_slot, kService, "VmStateChanged", &Impl::on_event_signal));
   NM_RETURN_IF_ERROR(
       impl_->add_match(&impl_->event_job_slot, kService, "JobRemoved", &Impl::on_event_signal));
+  NM_RETURN_IF_ERROR(impl_->add_match(&impl_->event_health_slot, kService, "HealthChanged",
+                                      &Impl::on_event_signal));
   return impl_->add_match(&impl_->event_other_slot, kService, "EventAppended",
                           &Impl::on_event_signal);
 }

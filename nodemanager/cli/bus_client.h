@@ -110,8 +110,8 @@ class BusClient {
                                             const ProgressFn& on_progress);
 
   // ---- Event stream ----
-  // Subscribes to VmStateChanged, JobRemoved and EventAppended. Call BEFORE get_events() for a
-  // gap-free stream.
+  // Subscribes to VmStateChanged, JobRemoved, HealthChanged and EventAppended. Call BEFORE
+  // get_events() for a gap-free stream.
   Status watch_events();
   // Waits for at least one signal and returns the highest seq seen since the last call (0 on
   // deadline). Signals carry only the newest seq; the caller fetches the events with get_events.

@@ -156,6 +156,29 @@ class HealthTestCase(NodeTestCase):
         self.assertIn("HealthChanged", kinds, "GetEvents replays HealthChanged")
 
 
+class FollowHealthTest(NodeTestCase):
+
+    def test_events_follow_prints_a_health_change_at_once(self):
+        follow = self.node.spawn_nodectl("events", "--follow")
+        self.addCleanup(lambda: (follow.kill(), follow.wait(timeout=10), follow.stdout.close(),
+                                 follow.stderr.close()))
+        lines = queue.Queue()
+        threading.Thread(target=lambda: [lines.put(json.loads(l)) for l in follow.stdout],
+                         daemon=True).start()
+        time.sleep(0.5)  # let it subscribe and replay
+        self.ctl("node", "drain", "--reason", "follow test")
+        deadline = time.monotonic() + 3
+        while True:
+            left = deadline - time.monotonic()
+            self.assertGreater(left, 0, "HealthChanged not printed within 3 s")
+            try:
+                e = lines.get(timeout=left)
+            except queue.Empty:
+                continue
+            if e["kind"] == "HealthChanged" and e["payload"]["maintenance"]:
+                break
+
+
 class UplinkHealthTest(NodeTestCase):
     """The underlay is a veth in the node's namespace; its peer going down is carrier loss."""
 
