@@ -30,6 +30,14 @@ struct SlotDeleter {
 using BusPtr = std::unique_ptr<sd_bus, BusDeleter>;
 using MessagePtr = std::unique_ptr<sd_bus_message, MessageDeleter>;
 using SlotPtr = std::unique_ptr<sd_bus_slot, SlotDeleter>;
+struct StrvDeleter {
+  void operator()(char** v) const noexcept {
+    if (v == nullptr) return;
+    for (char** p = v; *p != nullptr; ++p) std::free(*p);
+    std::free(v);
+  }
+};
+using Strv = std::unique_ptr<char*, StrvDeleter>;
 
 class ErrorHolder {
  public:
@@ -241,12 +249,11 @@ struct BusClient::Impl {
         }
         char** vms = nullptr;
         if (r >= 0) r = sd_bus_message_read_strv(m, &vms);
+        const Strv owned(vms);
         if (r >= 0) {
-          for (char** p = vms; p != nullptr && *p != nullptr; ++p) {
+          for (char** p = owned.get(); p != nullptr && *p != nullptr; ++p) {
             h.vms_affected.emplace_back(*p);
-            std::free(*p);
           }
-          std::free(vms);
           self->node_signals.emplace_back(std::move(h));
         }
       } else if (member == "VmStateChanged") {

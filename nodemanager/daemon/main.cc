@@ -92,6 +92,8 @@ int run(const nm::DaemonConfig& cfg) {
     sources.push_back(std::move(src).value());
   }
 
+  // Declared before the loop, which watches its fd: it must outlive the loop's sources.
+  std::unique_ptr<nm::network::NetlinkLinkMonitor> uplink;
   // Signals must be blocked before any other thread starts (threads inherit the mask).
   auto loop = nm::SdEventLoop::create();
   if (!loop.is_ok()) return fail(log, "creating the event loop", loop.status());
@@ -187,7 +189,6 @@ int run(const nm::DaemonConfig& cfg) {
   // The libvirt connection's health: lost and restored on the adapter's event thread, which
   // reconnects by itself; after a reconnect the audit catches up on what the events missed.
   const std::string uri = cfg.libvirt_uri;
-  service->set_host_check("libvirt", nm::HealthState::kOk, "connected to '" + uri + "'");
   (*hypervisor)
       ->set_connection_handler([&ev, svc = service.get(), uri](bool connected,
                                                                const std::string& reason) {
@@ -201,9 +202,15 @@ int run(const nm::DaemonConfig& cfg) {
           }
         });
       });
+  // After the handler is in place, so that a loss in between is not missed either way.
+  if ((*hypervisor)->connected()) {
+    service->set_host_check("libvirt", nm::HealthState::kOk, "connected to '" + uri + "'");
+  } else {
+    service->set_host_check("libvirt", nm::HealthState::kFailed,
+                            "connection to '" + uri + "' lost during start-up; reconnecting");
+  }
 
   // The uplink's health from netlink link events (no polling): the underlay interface.
-  std::unique_ptr<nm::network::NetlinkLinkMonitor> uplink;
   if (!cfg.underlay_interface.empty()) {
     auto monitor = nm::network::NetlinkLinkMonitor::create({cfg.underlay_interface});
     if (!monitor.is_ok()) return fail(log, "watching the underlay interface", monitor.status());

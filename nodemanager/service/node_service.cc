@@ -257,6 +257,10 @@ class NodeServiceImpl final : public NodeService {
     starting_ = true;
     reconcile_all(domains, overlays, epoch_counter_);
     starting_ = false;
+    // VM checks live in memory; a VM the crash policy gave up on stays reported after a restart.
+    for (const auto& [_, vm] : vms_) {
+      if (vm.state == "failed") set_vm_health(vm, HealthState::kFailed, vm.state_reason);
+    }
     end_interrupted_jobs();
     return Status::ok();
   }
@@ -341,7 +345,6 @@ class NodeServiceImpl final : public NodeService {
 
   Result<uint32_t> start_vm(std::string_view ref, std::string_view request_id) override {
     return power_request(ref, request_id, "StartVm", "start", "", [&](VmRecord& vm, uint32_t id) {
-      acknowledge_vm_health(vm);
       vm.power = PowerIntent::kRunning;
       return make_start_job(id, vm, "started");
     });
@@ -350,7 +353,6 @@ class NodeServiceImpl final : public NodeService {
   Result<uint32_t> stop_vm(std::string_view ref, bool force, std::string_view request_id) override {
     return power_request(ref, request_id, "StopVm", "stop", force ? "force" : "graceful",
                          [&](VmRecord& vm, uint32_t id) {
-                           acknowledge_vm_health(vm);
                            vm.power = PowerIntent::kStopped;
                            return make_stop_job(id, vm, force);
                          });
@@ -1258,6 +1260,7 @@ class NodeServiceImpl final : public NodeService {
   // backoff), or, once the budget is spent, leave it "failed" and report it.
   void on_unexpected_down(const VmRecord& vm, const DomainInfo& d) {
     const std::string id = vm.id.str();
+    touch(id);  // libvirt snapshots taken before this are stale for the VM
     const CrashPolicy policy = crash_policy_for(vm.spec);
     const auto decision = crashes_[id].record(policy, d_.clock.now_monotonic());
     const std::string what = describe_down(d);
@@ -1280,15 +1283,27 @@ class NodeServiceImpl final : public NodeService {
     record_state(vm, crashed ? "crashed" : "stopped", reason);
     set_vm_health(vm, HealthState::kDegraded, reason);
     restart_pending_.insert(id);
-    d_.loop.post_after(decision.delay, [this, alive = alive_, id, gen = vm.generation,
-                                        attempt = decision.attempt] {
+    schedule_crash_restart(id, vm.generation, decision.attempt, decision.delay);
+  }
+
+  // The crash policy's restart of VM `id`, due after `delay`: dropped when the VM is gone, no
+  // longer desired running or was changed by a client meanwhile (generation); postponed while
+  // another job holds the VM (a reboot asked during the backoff), so it is never lost.
+  void schedule_crash_restart(const std::string& id, uint64_t gen, uint32_t attempt,
+                              std::chrono::milliseconds delay) {
+    d_.loop.post_after(delay, [this, alive = alive_, id, gen, attempt] {
       if (!*alive) return;
-      restart_pending_.erase(id);
       auto it = vms_.find(id);
       if (it == vms_.end() || it->second.deleting || it->second.power != PowerIntent::kRunning ||
-          it->second.generation != gen || queues_.count(id)) {
+          it->second.generation != gen) {
+        restart_pending_.erase(id);
         return;
       }
+      if (queues_.count(id)) {
+        schedule_crash_restart(id, gen, attempt, std::chrono::milliseconds(200));
+        return;
+      }
+      restart_pending_.erase(id);
       enqueue(make_start_job(
           job_id_for(id), it->second,
           "restarted after an unexpected stop (restart " + std::to_string(attempt) + ")",
@@ -1677,6 +1692,7 @@ class NodeServiceImpl final : public NodeService {
         events));
     *vm = next;
     if (observer_) observer_->on_vm_changed(*vm);
+    acknowledge_vm_health(*vm);  // a client decided: the crash budget starts afresh
     job->intent = next.power;
     job->prev_power = prev_power;
     enqueue(std::move(job));
@@ -2399,6 +2415,7 @@ class NodeServiceImpl final : public NodeService {
       return;
     }
     if (actual == "paused" && d->cause == DomainCause::kIoError) {
+      touch(vm.id.str());
       set_vm_health(vm, HealthState::kFailed, "paused on a disk I/O error");
     }
     if (vm.power == PowerIntent::kStopped && actual == "running") {

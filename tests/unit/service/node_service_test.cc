@@ -1518,6 +1518,36 @@ TEST_F(NodeServiceTest, EmulatorExitIsRecordedAtOnceAndTheRestartWaitsForLibvirt
   EXPECT_EQ(crashed, 1u) << "libvirt's later kStopped is the same crash, not a second one";
 }
 
+TEST_F(NodeServiceTest, AVmLeftFailedIsStillReportedAfterARestart) {
+  const VmId id = create("a", R"(,"crash_policy":{"max_restarts":0})");
+  wait_done(*service_->start_vm("a", ""));
+  hv_.crash(id.str(), DomainCause::kEmulatorGone);
+  ASSERT_TRUE(loop_.run_until([&] { return state(id) == "failed"; }));
+  open_service();
+  ASSERT_TRUE(settle());
+  ASSERT_TRUE(loop_.run_until([&] { return !service_->health().checks.empty(); }));
+  const HealthSnapshot h = service_->health();
+  EXPECT_EQ(h.state, HealthState::kDegraded);
+  EXPECT_EQ(h.checks[0].vm_id, id.str());
+  EXPECT_EQ(h.checks[0].state, HealthState::kFailed);
+  EXPECT_EQ(hv_.domain(id.str())->info.state, DomainState::kShutOff) << "still not restarted";
+}
+
+TEST_F(NodeServiceTest, ARestartDueWhileAnotherJobHoldsTheVmIsPostponedNotLost) {
+  options_.crash_policy.backoff = std::chrono::milliseconds(100);
+  options_.debug_job_delay = std::chrono::milliseconds(300);  // the reboot holds the VM a while
+  open_service();
+  const VmId id = create("a");
+  wait_done(*service_->start_vm("a", ""));
+  hv_.crash(id.str(), DomainCause::kEmulatorGone);
+  ASSERT_TRUE(loop_.run_until([&] { return state(id) == "crashed"; }));
+  auto reboot = service_->reboot_vm("a", "");  // queued during the backoff
+  ASSERT_TRUE(reboot.is_ok());
+  wait(*reboot);
+  ASSERT_TRUE(loop_.run_until([&] { return state(id) == "running"; }, std::chrono::seconds(10)));
+  EXPECT_EQ(hv_.domain(id.str())->info.state, DomainState::kRunning);
+}
+
 TEST_F(NodeServiceTest, ZeroRestartsReportsAtOnce) {
   const VmId id = create("a", R"(,"crash_policy":{"max_restarts":0})");
   wait_done(*service_->start_vm("a", ""));
