@@ -1023,6 +1023,10 @@ class NodeServiceImpl final : public NodeService {
     for (auto& [id, job] : jobs_) {
       if (job->key == ev.uuid) job->ctx->notify();
     }
+    // A guest powering itself off: libvirt says so (SHUTDOWN) before it ends QEMU, whose exit the
+    // adapter then reports; remember it to tell a power-off from a crash.
+    if (ev.kind == DomainEventKind::kShutdown) guest_shutdown_.insert(ev.uuid);
+    if (ev.kind == DomainEventKind::kStarted) guest_shutdown_.erase(ev.uuid);
     if (queues_.count(ev.uuid)) return;  // a job owns this VM; observe() runs after it
     if (ev.kind == DomainEventKind::kEmulatorExited) {
       // Seen before libvirt knows (it still says running): act on it now, without asking.
@@ -1034,7 +1038,8 @@ class NodeServiceImpl final : public NodeService {
       DomainInfo gone;
       gone.uuid = ev.uuid;
       gone.state = DomainState::kShutOff;
-      gone.cause = DomainCause::kEmulatorGone;
+      gone.cause = guest_shutdown_.erase(ev.uuid) != 0 ? DomainCause::kGuestShutdown
+                                                       : DomainCause::kEmulatorGone;
       if (!vm.spec.autostart) return observe(vm.id);  // libvirt's own event settles it
       return on_unexpected_down(vm, gone);
     }
@@ -2766,6 +2771,7 @@ class NodeServiceImpl final : public NodeService {
   HealthModel health_;
   std::map<std::string, CrashHistory> crashes_;
   std::set<std::string> restart_pending_;
+  std::set<std::string> guest_shutdown_;  // VMs whose guest announced a power-off (SHUTDOWN event)
   uint64_t heartbeat_seq_ = 0;
   bool health_flush_posted_ = false;
   bool probe_in_flight_ = false;

@@ -1548,6 +1548,22 @@ TEST_F(NodeServiceTest, ARestartDueWhileAnotherJobHoldsTheVmIsPostponedNotLost) 
   EXPECT_EQ(hv_.domain(id.str())->info.state, DomainState::kRunning);
 }
 
+TEST_F(NodeServiceTest, AGuestPowerOffIsNotCalledACrash) {
+  options_.crash_policy.backoff = std::chrono::milliseconds(0);
+  open_service();
+  const VmId id = create("a");
+  wait_done(*service_->start_vm("a", ""));
+  // libvirt announces the guest's power-off, then QEMU exits.
+  hv_.set_state_behind_our_back(id.str(), DomainState::kRunning, DomainEventKind::kShutdown,
+                                DomainCause::kGuestShutdown);
+  hv_.kill_emulator(id.str());
+  ASSERT_TRUE(loop_.run_until([&] { return state(id) == "stopped"; }));
+  EXPECT_NE(service_->get_vm("a")->state_reason.find("guest powered itself off"), std::string::npos)
+      << service_->get_vm("a")->state_reason;
+  hv_.reap_emulator(id.str());
+  ASSERT_TRUE(loop_.run_until([&] { return state(id) == "running"; }));
+}
+
 TEST_F(NodeServiceTest, ZeroRestartsReportsAtOnce) {
   const VmId id = create("a", R"(,"crash_policy":{"max_restarts":0})");
   wait_done(*service_->start_vm("a", ""));
