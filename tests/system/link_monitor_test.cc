@@ -32,19 +32,11 @@ namespace {
 
 using Clock = std::chrono::steady_clock;
 using system_test::CommandResult;
+using system_test::contains;
+using system_test::must;
 using system_test::sh;
 
 constexpr auto kDeadline = std::chrono::milliseconds(1000);
-
-std::string must(const std::string& command) {
-  CommandResult r = sh(command);
-  EXPECT_EQ(r.exit_code, 0) << command << ":\n" << r.output;
-  return r.output;
-}
-
-bool contains(const std::string& haystack, const std::string& needle) {
-  return haystack.find(needle) != std::string::npos;
-}
 
 // Waits (bounded) until `ip link show` says the link's operational state is UP: the kernel's link
 // watch sets it asynchronously after "ip link set up", and tests start from a settled state.

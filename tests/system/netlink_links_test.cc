@@ -28,18 +28,9 @@ namespace nm::network {
 namespace {
 
 using system_test::CommandResult;
+using system_test::contains;
+using system_test::must;
 using system_test::sh;
-
-// Runs a setup command that must succeed; returns its output.
-std::string must(const std::string& command) {
-  CommandResult r = sh(command);
-  EXPECT_EQ(r.exit_code, 0) << command << ":\n" << r.output;
-  return r.output;
-}
-
-bool contains(const std::string& haystack, const std::string& needle) {
-  return haystack.find(needle) != std::string::npos;
-}
 
 std::vector<std::string> lines_of(const std::string& text) {
   std::vector<std::string> out;

@@ -1,5 +1,6 @@
 #include "shell.h"
 
+#include <gtest/gtest.h>
 #include <sys/wait.h>
 
 #include <array>
@@ -28,6 +29,16 @@ CommandResult sh(const std::string& command) {
   const int status = pclose(pipe.release());
   result.exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
   return result;
+}
+
+std::string must(const std::string& command) {
+  CommandResult r = sh(command);
+  EXPECT_EQ(r.exit_code, 0) << command << ":\n" << r.output;
+  return r.output;
+}
+
+bool contains(const std::string& haystack, const std::string& needle) {
+  return haystack.find(needle) != std::string::npos;
 }
 
 }  // namespace nm::system_test

@@ -14,4 +14,9 @@ struct CommandResult {
 // Runs `command` through /bin/sh, stderr merged into stdout.
 CommandResult sh(const std::string& command);
 
+// Runs a setup command that must succeed (a gtest failure otherwise); returns its output.
+std::string must(const std::string& command);
+
+bool contains(const std::string& haystack, const std::string& needle);
+
 }  // namespace nm::system_test
