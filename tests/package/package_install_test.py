@@ -526,7 +526,10 @@ def check_completion(bus):
         log("note: bash-completion is not installed; completion not checked")
         return
     cases = {
-        "nodectl ": ["--bus", "--help", "--json", "--timeout", "events", "image", "network", "vm"],
+        "nodectl ": ["--bus", "--help", "--json", "--timeout", "events", "image", "network",
+                     "node", "vm"],
+        "nodectl node ": ["--help", "capacity", "drain", "health", "undrain", "watch"],
+        "nodectl node drain --r": ["--reason", "--request-id"],
         "nodectl vm ": ["--help", "create", "delete", "list", "reboot", "show", "start", "stop"],
         "nodectl --json vm stop web-1 --f": ["--force"],
         "nodectl image import a:1 f --kind ": ["disk", "initrd", "kernel"],
