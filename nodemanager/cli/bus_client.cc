@@ -39,6 +39,16 @@ struct StrvDeleter {
 };
 using Strv = std::unique_ptr<char*, StrvDeleter>;
 
+// Reads an "as" argument into `out` (appending); sd-bus's negative errno on failure.
+int read_strings(sd_bus_message* m, std::vector<std::string>* out) {
+  char** raw = nullptr;
+  const int r = sd_bus_message_read_strv(m, &raw);
+  const Strv owned(raw);
+  if (r < 0) return r;
+  for (char** p = owned.get(); p != nullptr && *p != nullptr; ++p) out->emplace_back(*p);
+  return r;
+}
+
 class ErrorHolder {
  public:
   ErrorHolder() = default;
@@ -247,15 +257,8 @@ struct BusClient::Impl {
           h.maintenance = maintenance != 0;
           r = read_checks(m, &h.changed);
         }
-        char** vms = nullptr;
-        if (r >= 0) r = sd_bus_message_read_strv(m, &vms);
-        const Strv owned(vms);
-        if (r >= 0) {
-          for (char** p = owned.get(); p != nullptr && *p != nullptr; ++p) {
-            h.vms_affected.emplace_back(*p);
-          }
-          self->node_signals.emplace_back(std::move(h));
-        }
+        if (r >= 0) r = read_strings(m, &h.vms_affected);
+        if (r >= 0) self->node_signals.emplace_back(std::move(h));
       } else if (member == "VmStateChanged") {
         VmStateSignal v;
         const char *id = nullptr, *name = nullptr, *state = nullptr, *reason = nullptr;
@@ -604,14 +607,8 @@ Result<std::vector<ImageRow>> BusClient::list_images() {
                  .tenant = tenant,
                  .last_used_us = last_used,
                  .pinned = pinned != 0};
-    char** users = nullptr;
-    r = sd_bus_message_read_strv(m, &users);
+    r = read_strings(m, &row.users);
     if (r < 0) return read_status(r, "ListImages");
-    for (char** u = users; u != nullptr && *u != nullptr; ++u) {
-      row.users.emplace_back(*u);
-      std::free(*u);  // NOLINT(cppcoreguidelines-no-malloc): sd-bus allocates the strv
-    }
-    std::free(users);  // NOLINT(cppcoreguidelines-no-malloc)
     r = sd_bus_message_exit_container(m);
     if (r < 0) return read_status(r, "ListImages");
     rows.push_back(std::move(row));

@@ -371,15 +371,20 @@ int image_import(Context& ctx, const Vars& vm) {
   });
 }
 
+// Wall clock now, in microseconds since the epoch (for "last used 2h ago" and "SINCE").
+uint64_t now_realtime_us() {
+  return static_cast<uint64_t>(std::chrono::duration_cast<std::chrono::microseconds>(
+                                   std::chrono::system_clock::now().time_since_epoch())
+                                   .count());
+}
+
 int image_list(Context& ctx, const Vars&) {
   auto client = ctx.client();
   if (!client) return ctx.fail(client.status());
   auto images = (*client)->list_images();
   if (!images) return ctx.fail(images.status());
-  const auto now_us = static_cast<uint64_t>(std::chrono::duration_cast<std::chrono::microseconds>(
-                                                std::chrono::system_clock::now().time_since_epoch())
-                                                .count());
-  std::cout << (ctx.json() ? image_list_json(*images) + "\n" : image_list_table(*images, now_us))
+  std::cout << (ctx.json() ? image_list_json(*images) + "\n"
+                           : image_list_table(*images, now_realtime_us()))
             << std::flush;
   return 0;
 }
@@ -662,12 +667,6 @@ int events(Context& ctx, const Vars& vm) {
 }
 
 // ---- node ----
-
-uint64_t now_realtime_us() {
-  return static_cast<uint64_t>(std::chrono::duration_cast<std::chrono::microseconds>(
-                                   std::chrono::system_clock::now().time_since_epoch())
-                                   .count());
-}
 
 int node_health(Context& ctx, const Vars&) {
   auto client = ctx.client();

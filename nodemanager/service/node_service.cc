@@ -109,6 +109,11 @@ namespace {
 
 constexpr uint64_t kGiB = 1ull << 30;
 
+// Bytes in whole GiB, rounded up (a 1.5 GiB image needs 2 GiB of disk).
+constexpr uint64_t ceil_gib(uint64_t bytes) {
+  return (bytes + kGiB - 1) / kGiB;
+}
+
 std::string observed_state(DomainState s) {
   switch (s) {
     case DomainState::kRunning:
@@ -1183,7 +1188,7 @@ class NodeServiceImpl final : public NodeService {
     HostTotals h{.vcpus = opt_.host_vcpus,
                  .memory_mib = opt_.host_memory_mib,
                  .disk_gib = 0,
-                 .disk_reserved_gib = (opt_.disk_reserve_bytes + kGiB - 1) / kGiB};
+                 .disk_reserved_gib = ceil_gib(opt_.disk_reserve_bytes)};
     if (!opt_.instances_dir.empty()) {
       if (auto space = filesystem_space(opt_.instances_dir); space.is_ok()) {
         h.disk_gib = space->total_bytes / kGiB;
@@ -1199,7 +1204,7 @@ class NodeServiceImpl final : public NodeService {
     if (it != image_gib_.end()) return it->second;
     auto info = d_.images.resolve(image.str());
     if (!info.is_ok()) return 0;  // not pulled yet: counted once it is
-    const uint64_t gib = (info->virtual_size + kGiB - 1) / kGiB;
+    const uint64_t gib = ceil_gib(info->virtual_size);
     image_gib_.emplace(image.str(), gib);
     return gib;
   }
@@ -1222,7 +1227,7 @@ class NodeServiceImpl final : public NodeService {
                      .vcpus = spec.vcpus,
                      .memory_mib = spec.memory_mib,
                      .disk_gib = spec.disk_gib != 0 ? spec.disk_gib
-                                 : disk             ? (disk->virtual_size + kGiB - 1) / kGiB
+                                 : disk             ? ceil_gib(disk->virtual_size)
                                                     : 0};
     Usage tenant;
     for (const auto& [_, vm] : vms_) {
@@ -1444,7 +1449,7 @@ class NodeServiceImpl final : public NodeService {
   static Status check_disk_size(const VmSpec& spec, const ImageInfo& disk) {
     if (spec.disk_gib != 0 && spec.disk_gib * kGiB < disk.virtual_size) {
       return invalid_argument("spec.disk_gib: must be at least the image's virtual size (" +
-                              std::to_string((disk.virtual_size + kGiB - 1) / kGiB) + " GiB)");
+                              std::to_string(ceil_gib(disk.virtual_size)) + " GiB)");
     }
     return Status::ok();
   }
