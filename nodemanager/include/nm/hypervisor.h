@@ -64,23 +64,6 @@ enum class DomainCause {
   kGuestShutdown,  // the guest powered itself off
   kDestroyed,      // forced off by a management call (ours or someone else's)
 };
-inline std::string_view domain_cause_name(DomainCause c) {
-  switch (c) {
-    case DomainCause::kOther:
-      return "other";
-    case DomainCause::kIoError:
-      return "io-error";
-    case DomainCause::kEmulatorGone:
-      return "emulator-gone";
-    case DomainCause::kGuestCrashed:
-      return "guest-crashed";
-    case DomainCause::kGuestShutdown:
-      return "guest-shutdown";
-    case DomainCause::kDestroyed:
-      return "destroyed";
-  }
-  return "other";
-}
 
 struct DomainInfo {
   std::string uuid;  // libvirt's UUID (equals the VmId for our domains)
