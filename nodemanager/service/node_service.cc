@@ -2123,6 +2123,7 @@ class NodeServiceImpl final : public NodeService {
             vms_.erase(gone->id.str());
             crashes_.erase(gone->id.str());
             restart_pending_.erase(gone->id.str());
+            guest_shutdown_.erase(gone->id.str());
             health_.remove_vm(gone->id.str(), d_.clock.now_realtime_us());
             health_dirty();
             if (ports_.erase(gone->id.str())) ++net_epoch_;
