@@ -54,6 +54,7 @@ using json = nlohmann::json;
 constexpr size_t kChunkBytes = size_t{1} << 20;
 constexpr std::string_view kDigestPrefix = "sha256:";
 constexpr auto kCancelPoll = std::chrono::milliseconds(50);
+constexpr uint64_t kTouchGranularityUs = 60'000'000;  // touch(): uses closer together are one
 
 std::string hex_of(const Digest& d) {
   return d.str().substr(kDigestPrefix.size());
@@ -503,7 +504,13 @@ class DirImageStore final : public ImageStore {
   Status touch(const Digest& digest) override {
     std::lock_guard lock(mu_);
     NM_ASSIGN_OR_RETURN(ImageInfo info, read_meta_locked(digest));
-    info.last_used_us = options_.clock->now_realtime_us();
+    const uint64_t now = options_.clock->now_realtime_us();
+    // A use recorded less than a minute ago stands: last_used_us only orders garbage collection
+    // (whose minimum age is hours), and rewriting the metadata costs two fsyncs that every VM
+    // create from the image would otherwise pay.
+    const uint64_t recorded = std::max(info.last_used_us, info.imported_us);
+    if (recorded <= now && now - recorded < kTouchGranularityUs) return Status::ok();
+    info.last_used_us = now;
     return write_file_atomic(meta_path(digest), meta_to_json(info));
   }
 

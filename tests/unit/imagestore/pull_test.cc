@@ -672,6 +672,36 @@ TEST_F(PullTest, PinAndTouchAreDurable) {
   EXPECT_EQ(store_->touch(digest_of("x")).code(), Code::kNotFound);
 }
 
+TEST_F(PullTest, TouchRecordsAUsePerMinute) {
+  const std::string data = pattern_bytes(100, 'T');
+  shared_->put_image("debian:12", data);
+  clock_->now_us = 1'800'000'000'000'000;
+  auto pulled = pull("debian:12");
+  ASSERT_TRUE(pulled.is_ok());
+  const uint64_t imported = pulled->info.imported_us;
+  const Digest d = digest_of(data);
+
+  // Within a minute of the import: the import stands as the last use, nothing is rewritten.
+  clock_->now_us = imported + 59'000'000;
+  ASSERT_TRUE(store_->touch(d).is_ok());
+  EXPECT_EQ(store_->resolve(d.str())->last_used_us, imported);
+
+  clock_->now_us = imported + 61'000'000;
+  ASSERT_TRUE(store_->touch(d).is_ok());
+  const uint64_t first = store_->resolve(d.str())->last_used_us;
+  EXPECT_GE(first, imported + 61'000'000);
+
+  clock_->now_us = first + 30'000'000;
+  ASSERT_TRUE(store_->touch(d).is_ok());
+  reopen();
+  EXPECT_EQ(store_->resolve(d.str())->last_used_us, first);
+
+  // A clock that went back is no reason to keep a use from the future.
+  clock_->now_us = first - 3'600'000'000;
+  ASSERT_TRUE(store_->touch(d).is_ok());
+  EXPECT_LT(store_->resolve(d.str())->last_used_us, first);
+}
+
 TEST_F(PullTest, VerifyReHashesAndReportsCorruption) {
   const std::string data = pattern_bytes(3 * kMiB, 'V');
   shared_->put_image("debian:12", data);

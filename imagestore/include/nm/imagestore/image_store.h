@@ -119,7 +119,8 @@ class ImageStore {
   virtual std::vector<BlobInfo> list_blobs() const = 0;
   // Pin or unpin the blob (durable before return). NotFound when absent.
   virtual Status set_pinned(const Digest& digest, bool pinned) = 0;
-  // Records a use now (durable before return). NotFound when absent.
+  // Records a use now (durable before return); a use less than a minute after the recorded one
+  // is not written again (last_used_us is minute-grained). NotFound when absent.
   virtual Status touch(const Digest& digest) = 0;
   // Re-hashes one blob (streaming, `progress` in bytes) and compares with its digest and size.
   // Corruption is a VerifyResult with ok=false, not an error; errors are I/O problems.
