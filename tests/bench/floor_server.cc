@@ -4,8 +4,11 @@
 //   bench_floor_server --bus ADDRESS
 //
 // Owns 'org.nodemanager.BenchFloor' and serves /org/nodemanager/BenchFloor, interface
-// org.nodemanager.BenchFloor: Ping() -> () and Echo(s) -> s. Runs until SIGTERM or SIGINT.
+// org.nodemanager.BenchFloor: Ping() -> (), Echo(s) -> s and List(s prefix, u n) -> a(sssstt).
+// Runs until SIGTERM or SIGINT.
+#include <array>
 #include <csignal>
+#include <cstdint>
 #include <cstdio>
 #include <cstring>
 #include <string>
@@ -30,10 +33,36 @@ int on_echo(sd_bus_message* m, void* /*userdata*/, sd_bus_error* /*error*/) noex
   return sd_bus_reply_method_return(m, "s", text);
 }
 
+// n rows shaped like nodemanagerd's ListVms rows (a 36-character id, the name '<prefix>-<i>',
+// tenant, state, generation, observed generation), built from nothing: what such a reply costs on
+// the bus when the server has no work to do.
+int on_list(sd_bus_message* m, void* /*userdata*/, sd_bus_error* /*error*/) noexcept {
+  const char* prefix = nullptr;
+  uint32_t n = 0;
+  int r = sd_bus_message_read(m, "su", &prefix, &n);
+  if (r < 0) return r;
+  sd_bus_message* raw = nullptr;
+  r = sd_bus_message_new_method_return(m, &raw);
+  if (r < 0) return r;
+  nm::bench::MessagePtr reply(raw);
+  r = sd_bus_message_open_container(reply.get(), 'a', "(sssstt)");
+  for (uint32_t i = 0; r >= 0 && i < n; ++i) {
+    std::array<char, 40> id{};
+    std::snprintf(id.data(), id.size(), "00000000-0000-4000-8000-%012u", i);
+    const std::string name = std::string(prefix) + "-" + std::to_string(i);
+    r = sd_bus_message_append(reply.get(), "(sssstt)", id.data(), name.c_str(), "bench", "stopped",
+                              uint64_t{1}, uint64_t{1});
+  }
+  if (r >= 0) r = sd_bus_message_close_container(reply.get());
+  if (r >= 0) r = sd_bus_send(nullptr, reply.get(), nullptr);
+  return r;
+}
+
 const sd_bus_vtable kVtable[] = {
     SD_BUS_VTABLE_START(0),
     SD_BUS_METHOD("Ping", "", "", on_ping, SD_BUS_VTABLE_UNPRIVILEGED),
     SD_BUS_METHOD("Echo", "s", "s", on_echo, SD_BUS_VTABLE_UNPRIVILEGED),
+    SD_BUS_METHOD("List", "su", "a(sssstt)", on_list, SD_BUS_VTABLE_UNPRIVILEGED),
     SD_BUS_VTABLE_END,
 };
 

@@ -84,6 +84,23 @@ Result<std::string> read_object_path(sd_bus_message* reply, std::string_view wha
   return std::string(path);
 }
 
+// Reads every (id, name, tenant, state, generation, observed_generation) row of a ListVms-shaped
+// reply; returns how many there were.
+Result<std::size_t> read_vm_rows(sd_bus_message* reply, std::string_view what) {
+  int r = sd_bus_message_enter_container(reply, 'a', "(sssstt)");
+  if (r < 0) return bus_status(r, nullptr, std::string(what) + " reply");
+  std::size_t n = 0;
+  for (;;) {
+    const char *id, *name, *tenant, *state;
+    uint64_t generation, observed;
+    r = sd_bus_message_read(reply, "(sssstt)", &id, &name, &tenant, &state, &generation, &observed);
+    if (r < 0) return bus_status(r, nullptr, std::string(what) + " row");
+    if (r == 0) break;
+    ++n;
+  }
+  return n;
+}
+
 // --- nodemanagerd -------------------------------------------------------------------------------
 
 // How a job ended, from its JobRemoved signal.
@@ -152,19 +169,7 @@ class NodeManagerClient {
   Result<std::size_t> list_vms() {
     NM_ASSIGN_OR_RETURN(MessagePtr reply,
                         call(bus_, kNmService, kNmPath, kNmManager, "ListVms", "s", ""));
-    int r = sd_bus_message_enter_container(reply.get(), 'a', "(sssstt)");
-    if (r < 0) return bus_status(r, nullptr, "ListVms reply");
-    std::size_t n = 0;
-    for (;;) {
-      const char *id, *name, *tenant, *state;
-      uint64_t generation, observed;
-      r = sd_bus_message_read(reply.get(), "(sssstt)", &id, &name, &tenant, &state, &generation,
-                              &observed);
-      if (r < 0) return bus_status(r, nullptr, "ListVms row");
-      if (r == 0) break;
-      ++n;
-    }
-    return n;
+    return read_vm_rows(reply.get(), "ListVms");
   }
 
   // Waits until the JobRemoved of `job` has been seen; OK when its result is "done".
@@ -261,6 +266,13 @@ Status ping_floor(sd_bus* bus) {
   return call(bus, kFloorService, kFloorPath, kFloorInterface, "Ping", "").status();
 }
 
+// The floor server's List: `n` rows shaped like ListVms's, read like them.
+Result<std::size_t> list_floor(sd_bus* bus, const std::string& prefix, int n) {
+  NM_ASSIGN_OR_RETURN(MessagePtr reply, call(bus, kFloorService, kFloorPath, kFloorInterface,
+                                             "List", "su", prefix.c_str(), uint32_t(n)));
+  return read_vm_rows(reply.get(), "floor List");
+}
+
 // --- the image nodemanagerd's VMs are made from -------------------------------------------------
 
 struct EvpMdCtxFree {
@@ -327,6 +339,7 @@ struct Report {
   std::vector<Target> targets;
   std::size_t nm_listed = 0;
   std::size_t lv_listed = 0;
+  std::size_t floor_listed = 0;
 
   void add(std::string name, const Samples& s) {
     rows.emplace_back(std::move(name), s.summarize());
@@ -478,7 +491,14 @@ class Bench {
                             " domains, expected at least " + std::to_string(want));
     }
 
-    Samples floor, list_vms, list_domains;
+    // The floor server's List returns as many rows of the same shape and size as ListVms.
+    const std::string floor_prefix = "list-" + tag_;
+    NM_ASSIGN_OR_RETURN(report.floor_listed, list_floor(bus_, floor_prefix, opts_.list_vms));
+    if (report.floor_listed != want) {
+      return internal_error("the floor's List returned " + std::to_string(report.floor_listed) +
+                            " rows, expected " + std::to_string(want));
+    }
+    Samples floor, floor_list, list_vms, list_domains;
     for (int i = 0; i < opts_.warmup * 10 + opts_.list_iterations; ++i) {
       const bool record = i >= opts_.warmup * 10;
       auto t0 = Clock::now();
@@ -488,13 +508,17 @@ class Bench {
       auto t2 = Clock::now();
       NM_RETURN_IF_ERROR(lv_.list_domains().status());
       auto t3 = Clock::now();
+      NM_RETURN_IF_ERROR(list_floor(bus_, floor_prefix, opts_.list_vms).status());
+      auto t4 = Clock::now();
       if (record) {
         floor.add(t1 - t0);
         list_vms.add(t2 - t1);
         list_domains.add(t3 - t2);
+        floor_list.add(t4 - t3);
       }
     }
     report.add("floor Ping (with lists)", floor);
+    report.add("floor List, same rows (with lists)", floor_list);
     report.add("nodemanagerd ListVms", list_vms);
     report.add("libvirt-dbus ListDomains", list_domains);
 
@@ -509,6 +533,13 @@ class Bench {
       NM_RETURN_IF_ERROR(lv_.list_domains().status());
       if (i >= opts_.warmup * 10) list_domains_alone.add(Clock::now() - t0);
     }
+    Samples floor_list_alone;
+    for (int i = 0; i < opts_.warmup * 10 + opts_.list_iterations; ++i) {
+      const auto t0 = Clock::now();
+      NM_RETURN_IF_ERROR(list_floor(bus_, floor_prefix, opts_.list_vms).status());
+      if (i >= opts_.warmup * 10) floor_list_alone.add(Clock::now() - t0);
+    }
+    report.add("floor List, same rows (alone)", floor_list_alone);
     report.add("nodemanagerd ListVms (alone)", list_vms_alone);
     report.add("libvirt-dbus ListDomains (alone)", list_domains_alone);
 
@@ -586,7 +617,9 @@ void print_json(const Options& opts, const Report& report) {
                   {"list_vms", opts.list_vms},
                   {"list_iterations", opts.list_iterations},
                   {"floor_iterations", opts.floor_iterations}};
-  j["listed"] = {{"nodemanagerd", report.nm_listed}, {"libvirt_dbus", report.lv_listed}};
+  j["listed"] = {{"nodemanagerd", report.nm_listed},
+                 {"libvirt_dbus", report.lv_listed},
+                 {"floor", report.floor_listed}};
   auto& rows = j["measurements"] = nlohmann::ordered_json::array();
   for (const auto& [name, s] : report.rows) {
     std::string trimmed = name;
