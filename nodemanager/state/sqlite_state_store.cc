@@ -184,6 +184,16 @@ class SqliteStateStore final : public StateStore {
   SqliteStateStore(DbPtr db, std::string path, const SqliteOptions& options)
       : db_(std::move(db)), path_(std::move(path)), options_(options) {}
 
+  // Closing checkpoints the WAL into the database and deletes it, with the connection's
+  // synchronous level: make it FULL first so that nothing written becomes less durable.
+  ~SqliteStateStore() override {
+    if (!options_.deferred_sync || !db_) return;
+    (void)sync();
+    sqlite3_exec(db_.get(), "PRAGMA synchronous=FULL", nullptr, nullptr, nullptr);
+  }
+  SqliteStateStore(const SqliteStateStore&) = delete;
+  SqliteStateStore& operator=(const SqliteStateStore&) = delete;
+
   Status open(uint64_t now_us) {
     NM_RETURN_IF_ERROR(exec("PRAGMA journal_mode=WAL", "enable WAL"));
     {
@@ -198,15 +208,60 @@ class SqliteStateStore final : public StateStore {
     NM_RETURN_IF_ERROR(migrate());
     const uint64_t horizon =
         now_us > options_.request_retention_us ? now_us - options_.request_retention_us : 0;
-    return transact_internal([&]() -> Status {
+    NM_RETURN_IF_ERROR(transact_internal([&]() -> Status {
       NM_ASSIGN_OR_RETURN(Stmt s, stmt("DELETE FROM requests WHERE created_us < ?1"));
       return s.bind(1, to_db(horizon)).run();
-    });
+    }));
+    durable_ = written_;  // the migrations and the trimming above were durable one by one
+    if (options_.deferred_sync) {
+      // Only from here on.
+      NM_RETURN_IF_ERROR(exec("PRAGMA synchronous=OFF", "set synchronous"));
+      // Replaces the automatic checkpoint (which would run with synchronous=OFF); sync() does it.
+      sqlite3_wal_hook(db_.get(), &SqliteStateStore::on_wal_commit, this);
+    }
+    return Status::ok();
   }
 
   Status transact(const std::function<Status(StateTxn&)>& fn) override {
     SqliteTxn txn(*this);
     return transact_internal([&] { return fn(txn); });
+  }
+
+  uint64_t written_seq() const override { return written_; }
+  uint64_t durable_seq() const override { return durable_; }
+
+  Status sync() override {
+    assert(!in_txn_ && "StateStore::sync() inside transact()");
+    if (durable_ == written_) return Status::ok();
+    const uint64_t target = written_;
+    if (wal_frames_ >= kCheckpointFrames) {
+      // FULL for the checkpoint: SQLite syncs the WAL before copying and the database file
+      // before it lets a writer reuse the WAL.
+      NM_RETURN_IF_ERROR(exec("PRAGMA synchronous=FULL", "set synchronous"));
+      int log = 0;
+      int done = 0;
+      const int rc =
+          sqlite3_wal_checkpoint_v2(db_.get(), nullptr, SQLITE_CHECKPOINT_PASSIVE, &log, &done);
+      NM_RETURN_IF_ERROR(exec("PRAGMA synchronous=OFF", "set synchronous"));
+      if (rc != SQLITE_OK) {
+        return unavailable(sqlite_status(db_.get(), rc, "checkpoint").message() + " ('" + path_ +
+                           "')");
+      }
+      // A checkpoint that copied nothing synced nothing either: the WAL is synced below anyway.
+      wal_frames_ = 0;
+    }
+    sqlite3_file* wal = nullptr;
+    const int rc = sqlite3_file_control(db_.get(), "main", SQLITE_FCNTL_JOURNAL_POINTER, &wal);
+    if (rc != SQLITE_OK || wal == nullptr || wal->pMethods == nullptr) {
+      return internal_error("state database '" + path_ + "': no WAL file to sync");
+    }
+    const int sr = wal->pMethods->xSync(wal, SQLITE_SYNC_NORMAL);
+    if (sr != SQLITE_OK) {
+      return unavailable("state database '" + path_ + "': syncing the WAL failed (" +
+                         sqlite3_errstr(sr) + ")");
+    }
+    durable_ = target;
+    return Status::ok();
   }
 
   Result<std::vector<VmRecord>> list_vms() override {
@@ -449,14 +504,27 @@ class SqliteStateStore final : public StateStore {
       return unavailable(committed.with_context("commit to '" + path_ + "'").message());
     }
     guard.open = false;
+    ++written_;
+    if (!options_.deferred_sync) durable_ = written_;
     return Status::ok();
   }
+
+  // SQLite's WAL hook, after each commit: how many frames the WAL holds.
+  static int on_wal_commit(void* self, sqlite3* /*db*/, const char* /*name*/, int frames) {
+    static_cast<SqliteStateStore*>(self)->wal_frames_ = frames;
+    return SQLITE_OK;
+  }
+
+  static constexpr int kCheckpointFrames = 1000;  // SQLite's own automatic checkpoint threshold
 
   DbPtr db_;
   std::string path_;
   SqliteOptions options_;
   int schema_version_ = 0;
   bool in_txn_ = false;
+  uint64_t written_ = 0;  // transactions committed
+  uint64_t durable_ = 0;  // of those, known to be on disk
+  int wal_frames_ = 0;    // frames in the WAL after the last commit (deferred_sync)
   std::map<std::string, StmtPtr, std::less<>> cache_;  // declared after db_: finalized first
 };
 

@@ -1,8 +1,9 @@
 // StateStore port: the node's durable desired state, idempotency records and event ring.
 //
-// Adapter: SqliteStateStore (nodemanager/state/, WAL mode, synchronous=FULL, versioned schema
-// migrations). Every acknowledged mutation is one transact() call that has committed before the
-// caller replies.
+// Adapter: SqliteStateStore (nodemanager/state/, WAL mode, versioned schema migrations). Every
+// acknowledged mutation is one transact() call that is durable before the caller replies: at
+// once (synchronous=FULL), or with deferred_sync through a later sync() that the caller waits
+// for (group commit: nodemanagerd holds its replies, signals and jobs until then).
 //
 // Threading: owned by the event loop thread; not thread-safe.
 #pragma once
@@ -122,15 +123,29 @@ struct SqliteOptions {
   uint32_t event_capacity = 10000;
   // Idempotency records older than this are dropped at open. Default 7 days.
   uint64_t request_retention_us = 7ull * 24 * 3600 * 1000 * 1000;
+  // Group commit: transact() returns once its transaction is written (a crash of the process
+  // keeps it, a power loss may not) and sync() makes everything written so far durable with one
+  // fsync, however many transactions that covers. Off: every transact() is durable on return.
+  bool deferred_sync = false;
 };
 
 class StateStore {
  public:
   virtual ~StateStore() = default;
 
-  // Runs `fn` in one write transaction (BEGIN IMMEDIATE): commits durably if it returns OK,
-  // rolls back otherwise and returns its Status. Unavailable if the commit fails (disk full...).
+  // Runs `fn` in one write transaction (BEGIN IMMEDIATE): commits if it returns OK (durably,
+  // unless deferred_sync: then see sync()), rolls back otherwise and returns its Status.
+  // Unavailable if the commit fails (disk full...).
   virtual Status transact(const std::function<Status(StateTxn&)>& fn) = 0;
+
+  // Counts committed transactions: written_seq() grows with each, durable_seq() is the count
+  // known to be on disk. Equal at all times without deferred_sync.
+  virtual uint64_t written_seq() const = 0;
+  virtual uint64_t durable_seq() const = 0;
+  // Makes every transaction written so far durable (one fsync of the log; now and then also a
+  // checkpoint into the database file). Unavailable when the disk refuses: what was written is
+  // then of unknown durability, and the caller must not report it as done.
+  virtual Status sync() = 0;
 
   virtual Result<std::vector<VmRecord>> list_vms() = 0;
   virtual Result<std::optional<VmRecord>> get_vm(const VmId& id) = 0;
@@ -154,8 +169,12 @@ class StateStore {
 //
 // SqliteStateStore details: journal_mode=WAL, synchronous=FULL, foreign_keys=ON, busy timeout
 // 5 s; `PRAGMA user_version` is the schema version, each migration step runs in its own
-// transaction. Request records older than `now_us - options.request_retention_us` are dropped
-// here. SQLite errors map to Status as: disk full, I/O error, busy/locked, read-only, cannot open
+// transaction; open() returns with all of it durable. With deferred_sync: synchronous=OFF and no
+// automatic checkpoints; sync() fsyncs the WAL (SQLite's own file handle) and, once the WAL holds
+// 1000 frames, checkpoints it with synchronous=FULL (which syncs the WAL, copies, then syncs the
+// database file before the WAL may be reused); closing syncs first and checkpoints with FULL.
+// Request records older than `now_us - options.request_retention_us` are dropped here. SQLite
+// errors map to Status as: disk full, I/O error, busy/locked, read-only, cannot open
 // -> Unavailable; a primary-key or unique violation (duplicate request id, VM name taken) ->
 // AlreadyExists; anything else -> Internal; the message carries SQLite's own text. Calling
 // transact() from inside transact() is a programming error (asserts; Internal in release builds).

@@ -1,6 +1,7 @@
 #include <gtest/gtest.h>
 #include <sqlite3.h>
 #include <sys/mount.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include <filesystem>
@@ -70,6 +71,8 @@ class SqliteStateStoreTest : public ::testing::Test {
     ASSERT_TRUE(s.is_ok()) << s.status().to_string();
     store_ = std::move(s).value();
   }
+
+  void fill_the_disk(bool deferred_sync);
 
   Status put(const VmRecord& vm) {
     return store_->transact([&](StateTxn& txn) { return txn.put_vm(vm); });
@@ -406,14 +409,16 @@ TEST_F(SqliteStateStoreTest, UnopenablePathIsUnavailable) {
   EXPECT_EQ(s.status().code(), Code::kUnavailable) << s.status().to_string();
 }
 
-TEST_F(SqliteStateStoreTest, FullDiskFailsTheCommitAsUnavailableAndKeepsWorking) {
+void SqliteStateStoreTest::fill_the_disk(bool deferred_sync) {
   const fs::path small = dir_ / "small";
   fs::create_directories(small);
   if (::mount("tmpfs", small.c_str(), "tmpfs", 0, "size=256k") != 0) {
     GTEST_SKIP() << "cannot mount a small tmpfs here (needs CAP_SYS_ADMIN)";
   }
   path_ = (small / "state.db").string();
-  open();
+  SqliteOptions options;
+  options.deferred_sync = deferred_sync;
+  open(options);
   const std::string payload(size_t{16} * 1024, 'x');
   Status failed;
   uint64_t committed = 0;
@@ -429,8 +434,91 @@ TEST_F(SqliteStateStoreTest, FullDiskFailsTheCommitAsUnavailableAndKeepsWorking)
   auto last = store_->last_event_seq();
   ASSERT_TRUE(last.is_ok()) << last.status().to_string();
   EXPECT_EQ(*last, committed);
+  EXPECT_TRUE(store_->sync().is_ok());
   store_.reset();
   EXPECT_EQ(::umount2(small.c_str(), MNT_DETACH), 0);
+}
+
+TEST_F(SqliteStateStoreTest, FullDiskFailsTheCommitAsUnavailableAndKeepsWorking) {
+  fill_the_disk(false);
+}
+
+// With group commit the WAL is written at commit as well: a full disk fails that commit.
+TEST_F(SqliteStateStoreTest, FullDiskFailsADeferredCommitAsUnavailableAndKeepsWorking) {
+  fill_the_disk(true);
+}
+
+TEST_F(SqliteStateStoreTest, DeferredSyncCountsWritesUntilASyncCoversThem) {
+  open();
+  EXPECT_EQ(store_->durable_seq(), store_->written_seq());
+  ASSERT_TRUE(put(vm_named("web-1", kId1)).is_ok());
+  EXPECT_EQ(store_->durable_seq(), store_->written_seq());  // synchronous=FULL: at once
+
+  SqliteOptions deferred;
+  deferred.deferred_sync = true;
+  open(deferred);
+  const uint64_t start = store_->written_seq();
+  EXPECT_EQ(store_->durable_seq(), start);  // open() leaves nothing unsynced
+  ASSERT_TRUE(put(vm_named("db-1", kId2)).is_ok());
+  ASSERT_TRUE(store_->transact([](StateTxn& txn) { return txn.put_setting("k", "v"); }).is_ok());
+  EXPECT_EQ(store_->written_seq(), start + 2);
+  EXPECT_EQ(store_->durable_seq(), start);
+  // A rolled-back transaction writes nothing.
+  EXPECT_FALSE(store_->transact([](StateTxn&) { return internal_error("no"); }).is_ok());
+  EXPECT_EQ(store_->written_seq(), start + 2);
+  ASSERT_TRUE(store_->sync().is_ok());
+  EXPECT_EQ(store_->durable_seq(), start + 2);
+  ASSERT_TRUE(store_->sync().is_ok());  // nothing to do
+  open();
+  EXPECT_EQ(store_->list_vms()->size(), 2u);
+  EXPECT_EQ(store_->get_setting("k")->value_or(""), "v");
+}
+
+// Written but not synced is in the WAL file already: a process that dies keeps it.
+TEST_F(SqliteStateStoreTest, DeferredWritesSurviveAProcessThatDiesBeforeSyncing) {
+  const pid_t child = ::fork();
+  ASSERT_GE(child, 0);
+  if (child == 0) {
+    SqliteOptions deferred;
+    deferred.deferred_sync = true;
+    auto store = open_sqlite_state_store(path_, deferred, kNow);
+    if (!store.is_ok()) ::_exit(2);
+    const Status s =
+        (*store)->transact([](StateTxn& txn) { return txn.put_vm(vm_named("web-1", kId1)); });
+    ::_exit(s.is_ok() ? 0 : 3);  // no sync, no close
+  }
+  int status = 0;
+  ASSERT_EQ(::waitpid(child, &status, 0), child);
+  ASSERT_TRUE(WIFEXITED(status));
+  ASSERT_EQ(WEXITSTATUS(status), 0);
+  open();
+  auto got = store_->get_vm(VmId::trusted(kId1));
+  ASSERT_TRUE(got.is_ok()) << got.status().to_string();
+  EXPECT_TRUE(got->has_value());
+}
+
+// No automatic checkpoints with group commit: sync() checkpoints, so the WAL does not grow
+// without bound.
+TEST_F(SqliteStateStoreTest, DeferredSyncCheckpointsSoTheWalStaysBounded) {
+  SqliteOptions deferred;
+  deferred.deferred_sync = true;
+  open(deferred);
+  const std::string value(3000, 'v');
+  for (int i = 0; i < 3000; ++i) {
+    ASSERT_TRUE(store_
+                    ->transact([&](StateTxn& txn) {
+                      return txn.put_setting("key-" + std::to_string(i % 50), value);
+                    })
+                    .is_ok());
+    if (i % 10 == 9) {
+      ASSERT_TRUE(store_->sync().is_ok());
+    }
+  }
+  const auto wal = fs::file_size(path_ + "-wal");
+  RecordProperty("wal_bytes", std::to_string(wal));
+  EXPECT_LT(wal, uintmax_t{6} << 20);  // 3000 commits of a 3 KB row: over 12 MiB unchecked
+  open();
+  EXPECT_EQ(store_->get_setting("key-49")->value_or(""), value);
 }
 
 TEST_F(SqliteStateStoreTest, NestedTransactIsAProgrammingError) {
