@@ -76,6 +76,9 @@ int run(const nm::DaemonConfig& cfg) {
 
   nm::SystemClock clock;
   nm::SqliteOptions db_opts;
+  // Group commit: the service holds replies, signals and jobs until a sync covers what they
+  // report, so one fsync serves every request that arrived meanwhile.
+  db_opts.deferred_sync = true;
   db_opts.event_capacity = cfg.event_capacity;
   auto store =
       nm::open_sqlite_state_store(cfg.state_dir + "/state.db", db_opts, clock.now_realtime_us());
@@ -173,6 +176,12 @@ int run(const nm::DaemonConfig& cfg) {
                  .memory_ratio = cfg.memory_allocation_ratio,
                  .disk_ratio = cfg.disk_allocation_ratio};
   so.tenant_quotas = cfg.tenant_quotas;
+  // What was written may not be on disk and nothing of it may be reported done: start over from
+  // the database (systemd restarts the daemon).
+  so.on_sync_failure = [&ev, log](const nm::Status& s) {
+    log->critical("the state database cannot be made durable ({}); exiting", s.message());
+    ev.exit(EXIT_FAILURE);
+  };
   so.crash_policy = {.max_restarts = cfg.crash_restart_max,
                      .window = std::chrono::seconds(cfg.crash_restart_window_s),
                      .backoff = std::chrono::milliseconds(cfg.crash_restart_backoff_ms)};
@@ -304,6 +313,8 @@ int run(const nm::DaemonConfig& cfg) {
 
   const nm::Status ran = ev.run();
   notify_status("stopping");
+  // Replies and signals still waiting for a sync go out while the bus is still there.
+  if (ran.is_ok() && ev.exit_code() == 0) service->release_held();
   // Order: the bus goes first (no new calls), then stop_jobs lets the workers finish their
   // current step (they use the service), then the service, the hypervisor connection, the loop.
   server->reset();

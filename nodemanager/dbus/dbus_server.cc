@@ -139,15 +139,50 @@ struct DbusServer::Impl {
 
   // ---- helpers ----
 
+  // Every reply leaves through here: once the state it reports is durable (group commit: the
+  // service holds it until its next sync). 1 once handed over.
+  int send_reply(MessagePtr msg) {
+    std::shared_ptr<sd_bus_message> held(msg.release(), MessageDeleter());
+    service.after_durable([this, held] {
+      const int r = sd_bus_send(bus.get(), held.get(), nullptr);
+      if (r < 0) log->warn("sending a reply failed: {}", std::strerror(-r));
+    });
+    return 1;
+  }
+
+  template <typename... Args>
+  int reply(sd_bus_message* m, const char* types, Args... args) {
+    sd_bus_message* raw = nullptr;
+    int r = sd_bus_message_new_method_return(m, &raw);
+    MessagePtr msg(raw);
+    if (r < 0) return r;
+    if (types[0] != '\0') r = sd_bus_message_append(msg.get(), types, args...);
+    if (r < 0) return r;
+    return send_reply(std::move(msg));
+  }
+
   int reply_error(sd_bus_message* m, const Status& s) {
     log->debug("{} failed: {}", member_of(m), s.to_string());
-    return sd_bus_reply_method_errorf(m, dbus_error_name(s.code()).c_str(), "%s",
-                                      s.message().c_str());
+    sd_bus_message* raw = nullptr;
+    const int r = sd_bus_message_new_method_errorf(m, &raw, dbus_error_name(s.code()).c_str(), "%s",
+                                                   s.message().c_str());
+    MessagePtr msg(raw);
+    if (r < 0) return r;
+    return send_reply(std::move(msg));
+  }
+
+  // The reply for a handler that failed with `error` (a negative errno) before replying.
+  int reply_errno(sd_bus_message* m, int error) {
+    sd_bus_message* raw = nullptr;
+    const int r = sd_bus_message_new_method_errno(m, &raw, error, nullptr);
+    MessagePtr msg(raw);
+    if (r < 0) return r;
+    return send_reply(std::move(msg));
   }
 
   int reply_job(sd_bus_message* m, const Result<uint32_t>& job) {
     if (!job) return reply_error(m, job.status());
-    return sd_bus_reply_method_return(m, "o", job_object_path(*job).c_str());
+    return reply(m, "o", job_object_path(*job).c_str());
   }
 
   // The credentials of the message's sender as the bus daemon reports them (cached per sender).
@@ -251,22 +286,21 @@ struct DbusServer::Impl {
       r = allowed.is_ok() ? body(*self) : self->reply_error(m, allowed);
     } catch (const std::exception& e) {
       self->log->error("{} threw: {}", member_of(m), e.what());
-      r = internal_error_reply(m);
+      r = self->internal_error_reply(m);
     } catch (...) {
       self->log->error("{} threw a non-standard exception", member_of(m));
-      r = internal_error_reply(m);
+      r = self->internal_error_reply(m);
     }
     // A body that failed before replying: answer now, so that even the error precedes the
     // signals (sd-bus would otherwise send it after they were flushed).
-    if (r < 0) r = sd_bus_reply_method_errno(m, r, nullptr);
+    if (r < 0) r = self->reply_errno(m, r);
     --self->in_method;
     self->flush_deferred();
     return r;
   }
 
-  static int internal_error_reply(sd_bus_message* m) {
-    return sd_bus_reply_method_errorf(m, dbus_error_name(Code::kInternal).c_str(), "%s",
-                                      "internal error, see the node's log");
+  int internal_error_reply(sd_bus_message* m) {
+    return reply_error(m, Status(Code::kInternal, "internal error, see the node's log"));
   }
 
   static bool is_property_read(sd_bus_message* m) {
@@ -309,17 +343,24 @@ struct DbusServer::Impl {
   }
 
   // Observer calls come from the service: a failure to signal is logged, never thrown back.
-  // While a method call is being handled, emissions wait until its reply was sent.
+  // While a method call is being handled, emissions wait until its reply was handed over; every
+  // emission waits until the state it reports is durable (NodeService::after_durable).
   void guard_observer(const char* what, std::function<void()> body) noexcept {
-    if (in_method > 0) {
-      try {
+    try {
+      if (in_method > 0) {
         deferred.emplace_back(what, std::move(body));
-        return;
-      } catch (...) {
-        log->error("{}: cannot defer the signal; sending it now", what);
+      } else {
+        emit_when_durable(what, std::move(body));
       }
+      return;
+    } catch (...) {
+      log->error("{}: cannot defer the signal; sending it now", what);
     }
     run_observer(what, body);
+  }
+
+  void emit_when_durable(const char* what, std::function<void()> body) {
+    service.after_durable([this, what, body = std::move(body)] { run_observer(what, body); });
   }
 
   void run_observer(const char* what, const std::function<void()>& body) noexcept {
@@ -336,7 +377,14 @@ struct DbusServer::Impl {
     if (in_method > 0) return;
     std::vector<std::pair<const char*, std::function<void()>>> pending;
     pending.swap(deferred);
-    for (const auto& [what, body] : pending) run_observer(what, body);
+    for (auto& [what, body] : pending) {
+      try {
+        emit_when_durable(what, std::move(body));
+      } catch (...) {
+        log->error("{}: cannot defer the signal; sending it now", what);
+        run_observer(what, body);
+      }
+    }
   }
 
   // InterfacesRemoved for an object the service no longer knows. The interfaces are listed
@@ -359,8 +407,8 @@ struct DbusServer::Impl {
       auto reply = self.service.create_vm(spec, request_id);
       if (!reply) return self.reply_error(m, reply.status());
       const std::string& id = reply->vm_id.str();
-      return sd_bus_reply_method_return(m, "soo", id.c_str(), vm_object_path(id).c_str(),
-                                        job_object_path(reply->job_id).c_str());
+      return self.reply(m, "soo", id.c_str(), vm_object_path(id).c_str(),
+                        job_object_path(reply->job_id).c_str());
     });
   }
 
@@ -412,8 +460,8 @@ struct DbusServer::Impl {
       if (r < 0) return r;
       auto record = self.service.get_vm(vm);
       if (!record) return self.reply_error(m, record.status());
-      return sd_bus_reply_method_return(
-          m, "s", vm_record_to_json(*record, self.service.vm_ports(record->id)).c_str());
+      return self.reply(m, "s",
+                        vm_record_to_json(*record, self.service.vm_ports(record->id)).c_str());
     });
   }
 
@@ -434,7 +482,7 @@ struct DbusServer::Impl {
                                   vm.state.c_str(), vm.generation, vm.observed_generation);
       });
       if (r >= 0) r = sd_bus_message_close_container(reply.get());
-      if (r >= 0) r = sd_bus_send(nullptr, reply.get(), nullptr);
+      if (r >= 0) r = self.send_reply(std::move(reply));
       return r;
     });
   }
@@ -466,8 +514,8 @@ struct DbusServer::Impl {
       if (r < 0) return r;
       auto record = self.service.get_network(name);
       if (!record) return self.reply_error(m, record.status());
-      return sd_bus_reply_method_return(
-          m, "s", network_record_to_json(*record, self.service.network_ports(name)).c_str());
+      return self.reply(m, "s",
+                        network_record_to_json(*record, self.service.network_ports(name)).c_str());
     });
   }
 
@@ -490,7 +538,7 @@ struct DbusServer::Impl {
                                   n.spec.vni.value(), ports, n.state.c_str());
       }
       if (r >= 0) r = sd_bus_message_close_container(reply.get());
-      if (r >= 0) r = sd_bus_send(nullptr, reply.get(), nullptr);
+      if (r >= 0) r = self.send_reply(std::move(reply));
       return r;
     });
   }
@@ -539,7 +587,7 @@ struct DbusServer::Impl {
         if (r >= 0) r = sd_bus_message_close_container(reply.get());
       }
       if (r >= 0) r = sd_bus_message_close_container(reply.get());
-      if (r >= 0) r = sd_bus_send(nullptr, reply.get(), nullptr);
+      if (r >= 0) r = self.send_reply(std::move(reply));
       return r;
     });
   }
@@ -572,7 +620,7 @@ struct DbusServer::Impl {
       if (r < 0) return r;
       const Status s = self.service.pin_image(image, pinned != 0, request_id);
       if (!s) return self.reply_error(m, s);
-      return sd_bus_reply_method_return(m, "");
+      return self.reply(m, "");
     });
   }
 
@@ -603,7 +651,7 @@ struct DbusServer::Impl {
       }
       if (r >= 0) r = sd_bus_message_close_container(reply.get());
       if (r >= 0) r = sd_bus_message_append(reply.get(), "t", plan->bytes);
-      if (r >= 0) r = sd_bus_send(nullptr, reply.get(), nullptr);
+      if (r >= 0) r = self.send_reply(std::move(reply));
       return r;
     });
   }
@@ -631,7 +679,7 @@ struct DbusServer::Impl {
       if (r < 0) return r;
       const Status s = self.service.remove_image(image, request_id);
       if (!s) return self.reply_error(m, s);
-      return sd_bus_reply_method_return(m, "");
+      return self.reply(m, "");
     });
   }
 
@@ -657,7 +705,7 @@ struct DbusServer::Impl {
       }
       if (r >= 0) r = sd_bus_message_close_container(reply.get());
       if (r >= 0) r = sd_bus_message_append(reply.get(), "t", self.service.last_event_seq());
-      if (r >= 0) r = sd_bus_send(nullptr, reply.get(), nullptr);
+      if (r >= 0) r = self.send_reply(std::move(reply));
       return r;
     });
   }
@@ -687,7 +735,7 @@ struct DbusServer::Impl {
           reply.get(), "sbst", std::string(health_state_name(h.state)).c_str(),
           static_cast<int>(h.maintenance), h.maintenance_reason.c_str(), h.heartbeat_seq);
       if (r >= 0) r = append_checks(reply.get(), h.checks);
-      if (r >= 0) r = sd_bus_send(nullptr, reply.get(), nullptr);
+      if (r >= 0) r = self.send_reply(std::move(reply));
       return r;
     });
   }
@@ -706,7 +754,7 @@ struct DbusServer::Impl {
                                   c.ratio, c.capacity, c.allocated);
       }
       if (r >= 0) r = sd_bus_message_close_container(reply.get());
-      if (r >= 0) r = sd_bus_send(nullptr, reply.get(), nullptr);
+      if (r >= 0) r = self.send_reply(std::move(reply));
       return r;
     });
   }
@@ -720,7 +768,7 @@ struct DbusServer::Impl {
       if (r < 0) return r;
       const Status s = self.service.set_maintenance(enabled != 0, reason, request_id);
       if (!s) return self.reply_error(m, s);
-      return sd_bus_reply_method_return(m, "");
+      return self.reply(m, "");
     });
   }
 
@@ -868,7 +916,7 @@ struct DbusServer::Impl {
       if (!id) return self.reply_error(m, not_found("no such job"));
       const Status s = self.service.cancel_job(*id);
       if (!s) return self.reply_error(m, s);
-      return sd_bus_reply_method_return(m, "");
+      return self.reply(m, "");
     });
   }
 

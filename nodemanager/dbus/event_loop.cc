@@ -96,6 +96,17 @@ struct SdEventLoop::Impl {
   std::mutex mu;
   std::deque<std::function<void()>> queue;  // guarded by mu
 
+  SourcePtr idle_source;                         // enabled (one shot) while idle_queue has work
+  std::deque<std::function<void()>> idle_queue;  // loop thread only
+
+  static int on_idle(sd_event_source*, void* userdata) noexcept {
+    auto* self = static_cast<Impl*>(userdata);
+    std::deque<std::function<void()>> batch;
+    batch.swap(self->idle_queue);
+    for (auto& fn : batch) run_guarded("an idle function", fn);
+    return 0;
+  }
+
   static int on_one_shot(sd_event_source*, uint64_t, void* userdata) noexcept {
     auto* shot = static_cast<OneShot*>(userdata);
     auto* self = static_cast<Impl*>(shot->owner);
@@ -166,7 +177,21 @@ Result<std::unique_ptr<SdEventLoop>> SdEventLoop::create() {
                       impl.get());
   if (r < 0) return event_status(r, "watch the wake-up eventfd");
   impl->wake_source.reset(src);
+
+  src = nullptr;
+  r = sd_event_add_defer(impl->event.get(), &src, &Impl::on_idle, impl.get());
+  if (r < 0) return event_status(r, "add the idle source");
+  impl->idle_source.reset(src);
+  r = sd_event_source_set_priority(src, SD_EVENT_PRIORITY_IDLE);
+  if (r >= 0) r = sd_event_source_set_enabled(src, SD_EVENT_OFF);
+  if (r < 0) return event_status(r, "set up the idle source");
   return std::unique_ptr<SdEventLoop>(new SdEventLoop(std::move(impl)));
+}
+
+void SdEventLoop::post_idle(std::function<void()> fn) {
+  impl_->idle_queue.push_back(std::move(fn));
+  const int r = sd_event_source_set_enabled(impl_->idle_source.get(), SD_EVENT_ONESHOT);
+  if (r < 0) log()->error("enabling the idle source failed: {}", std::strerror(-r));
 }
 
 void SdEventLoop::post(std::function<void()> fn) {

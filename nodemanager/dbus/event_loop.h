@@ -36,6 +36,9 @@ class SdEventLoop final : public LoopExecutor {
   // Thread-safe. A one-shot timer, armed on the loop thread (so `delay` counts from when the loop
   // takes the request, microseconds later). Dropped unrun when the loop is destroyed first.
   void post_after(std::chrono::milliseconds delay, std::function<void()> fn) override;
+  // Loop thread only. Runs `fn` from a defer source of idle priority (SD_EVENT_PRIORITY_IDLE):
+  // after every bus message, posted function and timer that is ready.
+  void post_idle(std::function<void()> fn) override;
 
   // Loop thread (or before run()). Calls `fn` on the loop whenever `fd` is readable (level
   // triggered: `fn` must drain it). The fd stays owned by the caller and must outlive the loop

@@ -977,6 +977,7 @@ class NodeServiceImpl final : public NodeService {
     const Status db = d_.store.transact([&](StateTxn& txn) {
       return txn.put_setting("health_probe", std::to_string(d_.clock.now_realtime_us()));
     });
+    if (db.is_ok()) schedule_sync();
     set_host_check("state-db", db.is_ok() ? HealthState::kOk : HealthState::kFailed,
                    db.is_ok() ? "writable" : db.message());
     if (probe_in_flight_) return;
@@ -1590,6 +1591,7 @@ class NodeServiceImpl final : public NodeService {
       return s;
     }
     for (const auto& e : events) last_seq_ = std::max(last_seq_, e.seq);
+    schedule_sync();
     return s;
   }
 
@@ -1628,6 +1630,7 @@ class NodeServiceImpl final : public NodeService {
       }
       return Status::ok();
     });
+    if (s.is_ok()) schedule_sync();
     static const std::vector<EventRecord> kNone;
     for (auto& p : writes) {
       if (s.is_ok()) {
@@ -2203,23 +2206,80 @@ class NodeServiceImpl final : public NodeService {
     if (head) run(id);
   }
 
+  // ---------------------------------------------------------------- group commit
+
+  void after_durable(std::function<void()> fn) override {
+    if (held_.empty() && d_.store.durable_seq() >= d_.store.written_seq()) {
+      fn();
+      return;
+    }
+    held_.push_back({d_.store.written_seq(), std::move(fn)});
+    schedule_sync();
+  }
+
+  // One sync for everything written until the loop runs out of work (or sync_max_delay passed).
+  // Every write schedules one, whether or not anything waits for it.
+  void schedule_sync() {
+    if (sync_scheduled_) return;
+    if (held_.empty() && d_.store.durable_seq() >= d_.store.written_seq()) return;
+    sync_scheduled_ = true;
+    d_.loop.post_idle([this, alive = alive_] {
+      if (*alive) sync_held();
+    });
+    d_.loop.post_after(opt_.sync_max_delay, [this, alive = alive_] {
+      if (*alive) sync_held();
+    });
+  }
+
+  void release_held() override {
+    if (held_.empty()) return;
+    sync_scheduled_ = true;
+    sync_held();
+  }
+
+  void sync_held() {
+    if (!sync_scheduled_) return;
+    sync_scheduled_ = false;
+    if (const Status s = d_.store.sync(); !s.is_ok()) {
+      log_->critical("{}: {} replies, signals or jobs stay held", s.to_string(), held_.size());
+      set_host_check("state-db", HealthState::kFailed, s.message());
+      if (opt_.on_sync_failure) opt_.on_sync_failure(s);
+      return;
+    }
+    // What a released function writes is held again, behind what waits already.
+    while (!held_.empty() && held_.front().seq <= d_.store.durable_seq()) {
+      std::function<void()> fn = std::move(held_.front().fn);
+      held_.pop_front();
+      fn();
+    }
+    if (!held_.empty()) schedule_sync();
+  }
+
   void run(uint32_t id) {
     Job& job = *jobs_.at(id);
     job.view.state = JobState::kRunning;
     if (observer_) observer_->on_job_changed(job.view);
-    d_.workers.submit(
+    // The job acts on desired state: only once that is durable.
+    after_durable(
         [this, id, ctx = job.ctx, work = job.work, fields = job.log_fields, alive = alive_] {
-          const ScopedLogFields scope(fields);
-          Status s;
-          try {
-            s = work(*ctx);
-          } catch (const std::exception& e) {
-            s = internal_error(std::string("job threw: ") + e.what());
-          }
-          d_.loop.post([this, id, s, alive] {
-            if (*alive) complete(id, s);
-          });
+          if (*alive) submit_job(id, ctx, work, fields);
         });
+  }
+
+  void submit_job(uint32_t id, const std::shared_ptr<JobContext>& ctx,
+                  const std::function<Status(JobContext&)>& work, const LogFields& fields) {
+    d_.workers.submit([this, id, ctx, work, fields, alive = alive_] {
+      const ScopedLogFields scope(fields);
+      Status s;
+      try {
+        s = work(*ctx);
+      } catch (const std::exception& e) {
+        s = internal_error(std::string("job threw: ") + e.what());
+      }
+      d_.loop.post([this, id, s, alive] {
+        if (*alive) complete(id, s);
+      });
+    });
   }
 
   void complete(uint32_t id, const Status& s) {
@@ -2790,6 +2850,14 @@ class NodeServiceImpl final : public NodeService {
   uint64_t last_seq_ = 0;
   bool audit_in_flight_ = false;
   std::optional<std::vector<PendingWrite>> batch_;  // open while a job completes
+  // Group commit: functions waiting for the store to be durable up to `seq` (its written_seq()
+  // when they were held), oldest first; one sync is scheduled while any wait.
+  struct Held {
+    uint64_t seq;
+    std::function<void()> fn;
+  };
+  std::deque<Held> held_;
+  bool sync_scheduled_ = false;
   // Per VM (or orphan uuid): epoch_counter_ at the last job enqueue/completion. A libvirt snapshot
   // taken before that is stale for the VM and must not drive the reconciler.
   std::map<std::string, uint64_t> epoch_;

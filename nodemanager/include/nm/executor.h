@@ -16,6 +16,10 @@ class LoopExecutor {
   virtual void post(std::function<void()> fn) = 0;
   // Thread-safe. Queues `fn` to run on the loop thread once `delay` has passed (CLOCK_MONOTONIC).
   virtual void post_after(std::chrono::milliseconds delay, std::function<void()> fn) = 0;
+  // Loop thread only. Queues `fn` to run on the loop thread when nothing else is ready to run
+  // (no bus message, posted function or timer waiting), in queuing order, never inline. Under
+  // constant load that may be never: pair it with post_after() when it must happen.
+  virtual void post_idle(std::function<void()> fn) = 0;
 };
 
 // Threads for blocking work. Threads start on demand, when every running one is busy, up to

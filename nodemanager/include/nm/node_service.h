@@ -76,6 +76,12 @@ struct ServiceOptions {
   // Testing aid: each job sleeps this long between its steps (interruptible by Cancel), to widen
   // crash windows in tests. Default 0; never set in production.
   std::chrono::milliseconds debug_job_delay{0};
+  // Group commit (a store with deferred_sync): what waits for durability waits at most this long
+  // when the loop never runs out of work; otherwise it is released when the loop is idle.
+  std::chrono::milliseconds sync_max_delay{2};
+  // Called on the loop when the store cannot make written state durable (fsync failed): what
+  // waited for it stays held. nodemanagerd exits (systemd restarts it from the database).
+  std::function<void(const Status&)> on_sync_failure;
 };
 
 // Where a VM's serial console is written: <instances_dir>/<id>.serial.log.
@@ -255,6 +261,14 @@ class NodeService {
   // Before the daemon exits: asks running jobs to stop at their next step. Nothing is lost:
   // desired state is durable and the next start() finishes what they began. Guests keep running.
   virtual void shutdown() {}
+
+  // Loop thread. Runs `fn` once every state change made so far is durable: at once when it is
+  // (always, with a store that syncs each transaction), otherwise after the next group commit,
+  // in call order. The D-Bus layer sends replies and signals through it, and the service starts
+  // jobs through it, so nothing leaves the node or acts on desired state before it is on disk.
+  virtual void after_durable(std::function<void()> fn) { fn(); }
+  // Loop thread, when the loop has stopped (shutdown): syncs now and releases what waited.
+  virtual void release_held() {}
 };
 
 // GetVm's JSON document: {"id", "spec", "state", "state_reason", "desired_power", "generation",

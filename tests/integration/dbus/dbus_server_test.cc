@@ -426,6 +426,26 @@ class FakeNodeService final : public NodeService {
   void on_domain_event(const DomainEvent&) override {}
   void audit() override {}
   size_t active_jobs() const override { return 0; }
+
+  // Group commit, played by the test: while `holding`, what waits for durability waits until
+  // release_all() (loop thread).
+  void after_durable(std::function<void()> fn) override {
+    if (holding || !held.empty()) {
+      held.push_back(std::move(fn));
+      return;
+    }
+    fn();
+  }
+  void release_all() {
+    holding = false;
+    while (!held.empty()) {
+      auto fn = std::move(held.front());
+      held.pop_front();
+      fn();
+    }
+  }
+  bool holding = false;                    // loop thread
+  std::deque<std::function<void()>> held;  // loop thread
   HealthSnapshot health() const override {
     std::lock_guard l(mu_);
     return health_;
@@ -657,6 +677,26 @@ TEST(SdEventLoop, PostAfterRunsOnceAfterItsDelay) {
   ASSERT_TRUE((*loop)->run().is_ok());
   EXPECT_EQ(order, (std::vector<int>{1, 2}));
   EXPECT_GE(first, std::chrono::milliseconds(60));
+}
+
+// post_idle waits until nothing else is ready: functions posted after it run first.
+TEST(SdEventLoop, PostIdleRunsWhenNothingElseIsReady) {
+  auto loop = SdEventLoop::create();
+  ASSERT_TRUE(loop.is_ok());
+  std::vector<int> order;
+  (*loop)->post([&] {
+    (*loop)->post_idle([&] { order.push_back(3); });
+    (*loop)->post_idle([&] {
+      order.push_back(4);
+      (*loop)->exit(0);
+    });
+    (*loop)->post([&] {
+      order.push_back(1);
+      (*loop)->post([&] { order.push_back(2); });
+    });
+  });
+  ASSERT_TRUE((*loop)->run().is_ok());
+  EXPECT_EQ(order, (std::vector<int>{1, 2, 3, 4}));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1284,6 +1324,57 @@ TEST_F(DbusServerTest, EventsBecomeTheirSignalOrEventAppended) {
   EXPECT_STREQ(kind, "NetworkRepaired");
   EXPECT_STREQ(object, "bridge 'nmbr7'");
   EXPECT_TRUE(signals_.empty()) << "the JobRemoved event must not produce a second signal";
+}
+
+// Replies and signals leave only when the service says what they report is durable, in the order
+// they were made: the reply first, then the signal.
+TEST_F(DbusServerTest, RepliesAndSignalsWaitForDurabilityAndKeepTheirOrder) {
+  subscribe(kManagerInterface.data(), "VmStateChanged");
+  run_on_loop([&] { fake_.holding = true; });
+  std::vector<std::string> arrived;
+  sd_bus_slot* raw = nullptr;
+  ASSERT_GE(sd_bus_call_method_async(
+                client_.get(), &raw, kBusName.data(), kManagerPath.data(), kManagerInterface.data(),
+                "ListVms",
+                [](sd_bus_message* m, void* ud, sd_bus_error*) -> int {
+                  static_cast<std::vector<std::string>*>(ud)->push_back(
+                      sd_bus_message_is_method_error(m, nullptr) ? "error" : "reply");
+                  return 0;
+                },
+                &arrived, "s", ""),
+            0);
+  SlotPtr pending(raw);
+  // Once the call was handled (its reply held), a signal is held too, behind it.
+  size_t held = 0;
+  for (int i = 0; i < 500 && held == 0; ++i) {
+    sd_bus_flush(client_.get());
+    run_on_loop([&] { held = fake_.held.size(); });
+    if (held == 0) std::this_thread::sleep_for(std::chrono::milliseconds(2));
+  }
+  ASSERT_EQ(held, 1u);
+  run_on_loop([&] {
+    fake_.observer()->on_event({9, 2, "VmStateChanged", kVmId,
+                                R"({"name":"web-1","state":"running","reason":"started"})"});
+  });
+  const auto pump = [&](std::chrono::milliseconds d) {
+    const auto until = std::chrono::steady_clock::now() + d;
+    while (std::chrono::steady_clock::now() < until) {
+      for (auto& m : signals_) {
+        if (m) arrived.emplace_back("signal");
+        m.reset();
+      }
+      if (sd_bus_process(client_.get(), nullptr) > 0) continue;
+      sd_bus_wait(client_.get(), 10'000);
+    }
+  };
+  pump(std::chrono::milliseconds(200));
+  EXPECT_TRUE(arrived.empty()) << arrived.front();
+  run_on_loop([&] { held = fake_.held.size(); });
+  EXPECT_EQ(held, 2u);
+
+  run_on_loop([&] { fake_.release_all(); });
+  pump(std::chrono::milliseconds(300));
+  EXPECT_EQ(arrived, (std::vector<std::string>{"reply", "signal"}));
 }
 
 TEST_F(DbusServerTest, ManagerPropertiesReadFromTheService) {

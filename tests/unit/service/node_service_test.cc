@@ -39,6 +39,7 @@ class ManualLoop final : public LoopExecutor {
     }
     cv_.notify_all();
   }
+  void post_idle(std::function<void()> fn) override { post(std::move(fn)); }
   void post_after(std::chrono::milliseconds delay, std::function<void()> fn) override {
     {
       std::lock_guard lock(mu_);
@@ -171,8 +172,11 @@ class NodeServiceTest : public ::testing::Test {
     workers_.reset();
     service_.reset();
     store_.reset();
+    // As nodemanagerd opens it: group commit, so jobs wait for a sync (the loop's idle work).
+    SqliteOptions db_options;
+    db_options.deferred_sync = true;
     auto store =
-        open_sqlite_state_store((dir_ / "state.db").string(), {}, clock_.now_realtime_us());
+        open_sqlite_state_store((dir_ / "state.db").string(), db_options, clock_.now_realtime_us());
     ASSERT_TRUE(store.is_ok()) << store.status().to_string();
     store_ = std::move(*store);
     workers_ = std::make_unique<WorkerPool>(4);
@@ -234,6 +238,32 @@ class NodeServiceTest : public ::testing::Test {
   std::unique_ptr<NodeService> service_;
   RecordingObserver obs_;
 };
+
+// Group commit: a job acts on desired state only once a sync made it durable, and what waits for
+// durability runs after that sync, in order, even when nothing new was written in between.
+TEST_F(NodeServiceTest, JobsAndHeldFunctionsWaitForTheSync) {
+  // Every write is synced soon, whether or not anything waits for it (the image import here).
+  ASSERT_TRUE(loop_.run_until([&] { return store_->durable_seq() == store_->written_seq(); }));
+  std::vector<std::string> order;
+  service_->after_durable([&] { order.push_back("now"); });
+  EXPECT_EQ(order, std::vector<std::string>{"now"});  // nothing written: runs at once
+
+  auto created = service_->create_vm(spec("web-1"), "");
+  ASSERT_TRUE(created.is_ok()) << created.status().to_string();
+  EXPECT_LT(store_->durable_seq(), store_->written_seq());
+  service_->after_durable([&] { order.push_back("after create"); });
+  service_->after_durable([&] { order.push_back("behind it"); });
+  // The workers are idle and real: had the job been handed to them, it would define the domain.
+  std::this_thread::sleep_for(100ms);
+  EXPECT_FALSE(hv_.domain(created->vm_id.str()).has_value());
+  EXPECT_EQ(order, std::vector<std::string>{"now"});
+
+  wait_done(created->job_id);
+  EXPECT_TRUE(hv_.domain(created->vm_id.str()).has_value());
+  EXPECT_EQ(order, (std::vector<std::string>{"now", "after create", "behind it"}));
+  ASSERT_TRUE(settle());
+  EXPECT_TRUE(loop_.run_until([&] { return store_->durable_seq() == store_->written_seq(); }));
+}
 
 TEST_F(NodeServiceTest, FullLifecycleDrivesTheHypervisorAndRecordsEveryState) {
   auto created = service_->create_vm(spec("web-1"), "req-1");
