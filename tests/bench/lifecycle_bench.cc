@@ -1,7 +1,7 @@
 // lifecycle_bench: nodemanagerd's VM lifecycle and ListVms next to libvirt-dbus on one private bus.
 //
 //   lifecycle_bench --bus ADDRESS [--cycles 500] [--list-vms 20] [--list-iterations 2000]
-//                   [--floor-iterations 2000] [--warmup 10] [--json] [--strict]
+//                   [--floor-iterations 2000] [--warmup 10] [--burst 20] [--json] [--strict]
 //
 // Expects on the bus: org.nodemanager.NodeManager1 (nodemanagerd on test:///default),
 // org.libvirt (libvirt-dbus, object /org/libvirt/Test) and org.nodemanager.BenchFloor
@@ -61,6 +61,7 @@ struct Options {
   int list_iterations = 2000;
   int floor_iterations = 2000;
   int warmup = 10;
+  int burst = 20;
   bool json = false;
   bool strict = false;
 };
@@ -170,6 +171,18 @@ class NodeManagerClient {
     NM_ASSIGN_OR_RETURN(MessagePtr reply,
                         call(bus_, kNmService, kNmPath, kNmManager, "ListVms", "s", ""));
     return read_vm_rows(reply.get(), "ListVms");
+  }
+
+  // Whether the JobRemoved of `job` has been seen (without waiting); an error when it ended other
+  // than "done".
+  Result<bool> job_ended(const std::string& job) {
+    auto it = removed_.find(job);
+    if (it == removed_.end()) return false;
+    JobOutcome outcome = std::move(it->second);
+    removed_.erase(it);
+    if (outcome.result == "done") return true;
+    return internal_error("job '" + job + "' ended '" + outcome.result +
+                          "': " + outcome.error_name + ": " + outcome.error_message);
   }
 
   // Waits until the JobRemoved of `job` has been seen; OK when its result is "done".
@@ -366,6 +379,7 @@ class Bench {
     NM_RETURN_IF_ERROR(measure_floor(report));
     NM_RETURN_IF_ERROR(measure_cycles(report));
     NM_RETURN_IF_ERROR(measure_lists(report));
+    if (opts_.burst > 0) NM_RETURN_IF_ERROR(measure_burst(report));
     judge(report);
     return report;
   }
@@ -551,6 +565,127 @@ class Bench {
     return Status::ok();
   }
 
+  // GetHealth, on a connection of its own, while `burst` VMs are created, then started, stopped
+  // and deleted all at once (each step's calls sent together, then their jobs awaited): does the
+  // bus answer while work is under way? Next to it, GetHealth on an idle daemon.
+  Status measure_burst(Report& report) {
+    NM_ASSIGN_OR_RETURN(BusPtr probe, connect_bus(opts_.bus));
+    const auto get_health = [&]() -> Status {
+      return call(probe.get(), kNmService, kNmPath, kNmManager, "GetHealth", "").status();
+    };
+    Samples idle;
+    for (int i = 0; i < 100 + opts_.floor_iterations; ++i) {
+      const auto t0 = Clock::now();
+      NM_RETURN_IF_ERROR(get_health());
+      if (i >= 100) idle.add(Clock::now() - t0);
+    }
+    report.add("GetHealth (idle)", idle);
+
+    std::vector<std::string> ids(static_cast<std::size_t>(opts_.burst));
+    static constexpr std::array<const char*, 4> kSteps{"CreateVm", "StartVm", "StopVm(force)",
+                                                       "DeleteVm"};
+    Samples during;
+    for (std::size_t step = 0; step < kSteps.size(); ++step) {
+      std::vector<AsyncCall> calls(ids.size());
+      const auto t0 = Clock::now();
+      for (std::size_t i = 0; i < ids.size(); ++i) {
+        NM_RETURN_IF_ERROR(send_burst_call(step, i, ids, &calls[i]));
+      }
+      std::size_t ended = 0;
+      while (ended < calls.size()) {
+        if (Clock::now() - t0 > kJobTimeout) {
+          return unavailable(std::string("burst ") + kSteps[step] + ": not done within 60s");
+        }
+        const auto h0 = Clock::now();
+        NM_RETURN_IF_ERROR(get_health());
+        during.add(Clock::now() - h0);
+        for (;;) {
+          const int r = sd_bus_process(bus_, nullptr);
+          if (r < 0) return bus_status(r, nullptr, "processing the bus");
+          if (r == 0) break;
+        }
+        ended = 0;
+        for (std::size_t i = 0; i < calls.size(); ++i) {
+          AsyncCall& c = calls[i];
+          if (!c.error.empty()) return internal_error(std::string(kSteps[step]) + ": " + c.error);
+          if (!c.ended && !c.job.empty()) {
+            NM_ASSIGN_OR_RETURN(c.ended, nm_.job_ended(c.job));
+          }
+          if (c.ended) {
+            if (step == 0) ids[i] = c.vm_id;
+            ++ended;
+          }
+        }
+      }
+      Samples wall;
+      wall.add(Clock::now() - t0);
+      report.add(std::string("burst of ") + std::to_string(ids.size()) + " " + kSteps[step] +
+                     ", all jobs done",
+                 wall);
+    }
+    report.add("GetHealth during the bursts", during);
+    return Status::ok();
+  }
+
+  // One job-starting call of a burst in flight: its reply fills job (or error).
+  struct AsyncCall {
+    SlotPtr slot;
+    std::string vm_id;
+    std::string job;
+    std::string error;
+    bool ended = false;
+  };
+
+  static int on_burst_reply(sd_bus_message* m, void* userdata, sd_bus_error* /*error*/) noexcept {
+    auto* c = static_cast<AsyncCall*>(userdata);
+    try {
+      if (const sd_bus_error* e = sd_bus_message_get_error(m); e != nullptr) {
+        c->error = std::string(e->name) + ": " + (e->message != nullptr ? e->message : "");
+        return 0;
+      }
+      const char* id = nullptr;
+      const char* vm = nullptr;
+      const char* job = nullptr;
+      const bool create = sd_bus_message_has_signature(m, "soo") > 0;
+      const int r = create ? sd_bus_message_read(m, "soo", &id, &vm, &job)
+                           : sd_bus_message_read(m, "o", &job);
+      if (r < 0) {
+        c->error = "unreadable reply";
+        return 0;
+      }
+      if (id != nullptr) c->vm_id = id;
+      c->job = job;
+    } catch (...) {
+      c->error = "out of memory";
+    }
+    return 0;
+  }
+
+  Status send_burst_call(std::size_t step, std::size_t i, const std::vector<std::string>& ids,
+                         AsyncCall* c) {
+    sd_bus_slot* slot = nullptr;
+    int r = 0;
+    if (step == 0) {
+      const std::string spec =
+          R"({"name":"burst-)" + tag_ + "-" + std::to_string(i) +
+          R"(","tenant":"bench","vcpus":1,"memory_mib":128,"image":"bench:1"})";
+      r = sd_bus_call_method_async(bus_, &slot, kNmService, kNmPath, kNmManager, "CreateVm",
+                                   on_burst_reply, c, "ss", spec.c_str(), "");
+    } else if (step == 1) {
+      r = sd_bus_call_method_async(bus_, &slot, kNmService, kNmPath, kNmManager, "StartVm",
+                                   on_burst_reply, c, "ss", ids[i].c_str(), "");
+    } else if (step == 2) {
+      r = sd_bus_call_method_async(bus_, &slot, kNmService, kNmPath, kNmManager, "StopVm",
+                                   on_burst_reply, c, "sbs", ids[i].c_str(), 1, "");
+    } else {
+      r = sd_bus_call_method_async(bus_, &slot, kNmService, kNmPath, kNmManager, "DeleteVm",
+                                   on_burst_reply, c, "ss", ids[i].c_str(), "");
+    }
+    if (r < 0) return bus_status(r, nullptr, "sending a burst call");
+    c->slot.reset(slot);
+    return Status::ok();
+  }
+
   static void judge(Report& report) {
     const Summary& nm_cycle = report.get("nodemanagerd cycle");
     const Summary& lv_cycle = report.get("libvirt-dbus cycle");
@@ -616,7 +751,8 @@ void print_json(const Options& opts, const Report& report) {
                   {"warmup", opts.warmup},
                   {"list_vms", opts.list_vms},
                   {"list_iterations", opts.list_iterations},
-                  {"floor_iterations", opts.floor_iterations}};
+                  {"floor_iterations", opts.floor_iterations},
+                  {"burst", opts.burst}};
   j["listed"] = {{"nodemanagerd", report.nm_listed},
                  {"libvirt_dbus", report.lv_listed},
                  {"floor", report.floor_listed}};
@@ -647,7 +783,7 @@ void print_json(const Options& opts, const Report& report) {
 
 constexpr const char* kUsage =
     "usage: lifecycle_bench --bus ADDRESS [--cycles N] [--list-vms N] [--list-iterations N]\n"
-    "                       [--floor-iterations N] [--warmup N] [--json] [--strict]\n";
+    "                       [--floor-iterations N] [--warmup N] [--burst N] [--json] [--strict]\n";
 
 // Parses argv into `opts`; false (after printing why) on bad usage.
 bool parse_args(int argc, char** argv, Options* opts) {
@@ -657,6 +793,7 @@ bool parse_args(int argc, char** argv, Options* opts) {
       {"--list-iterations", {&opts->list_iterations, 1}},
       {"--floor-iterations", {&opts->floor_iterations, 1}},
       {"--warmup", {&opts->warmup, 0}},
+      {"--burst", {&opts->burst, 0}},
   };
   for (int i = 1; i < argc; ++i) {
     const std::string_view arg = argv[i];
