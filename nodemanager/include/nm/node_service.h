@@ -266,7 +266,10 @@ class NodeService {
   // (always, with a store that syncs each transaction), otherwise after the next group commit,
   // in call order. The D-Bus layer sends replies and signals through it, and the service starts
   // jobs through it, so nothing leaves the node or acts on desired state before it is on disk.
-  virtual void after_durable(std::function<void()> fn) { fn(); }
+  virtual void after_durable(std::function<void()> fn) {
+    const std::function<void()> run = std::move(fn);
+    run();
+  }
   // Loop thread, when the loop has stopped (shutdown): syncs now and releases what waited.
   virtual void release_held() {}
 };
