@@ -184,12 +184,15 @@ class SqliteStateStore final : public StateStore {
   SqliteStateStore(DbPtr db, std::string path, const SqliteOptions& options)
       : db_(std::move(db)), path_(std::move(path)), options_(options) {}
 
-  // Closing checkpoints the WAL into the database and deletes it, with the connection's
-  // synchronous level: make it FULL first so that nothing written becomes less durable.
+  // Closing checkpoints the WAL into the database and deletes it. After a failed sync that
+  // would copy pages whose write-back failed and drop the WAL: keep the WAL instead.
   ~SqliteStateStore() override {
-    if (!options_.deferred_sync || !db_) return;
-    (void)sync();
-    sqlite3_exec(db_.get(), "PRAGMA synchronous=FULL", nullptr, nullptr, nullptr);
+    if (!db_) return;
+    if (sync_failed_.is_ok()) {
+      (void)sync();
+    } else {
+      sqlite3_db_config(db_.get(), SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, 1, nullptr);
+    }
   }
   SqliteStateStore(const SqliteStateStore&) = delete;
   SqliteStateStore& operator=(const SqliteStateStore&) = delete;
@@ -212,12 +215,14 @@ class SqliteStateStore final : public StateStore {
       NM_ASSIGN_OR_RETURN(Stmt s, stmt("DELETE FROM requests WHERE created_us < ?1"));
       return s.bind(1, to_db(horizon)).run();
     }));
-    durable_ = written_;  // the migrations and the trimming above were durable one by one
+    // What a process that died before its sync left in the WAL is acknowledged by nobody yet,
+    // but from here on it counts as written: make it durable before anything builds on it.
+    NM_RETURN_IF_ERROR(sync_log());
+    durable_ = written_;
     if (options_.deferred_sync) {
-      // Only from here on.
-      NM_RETURN_IF_ERROR(exec("PRAGMA synchronous=OFF", "set synchronous"));
-      // Replaces the automatic checkpoint (which would run with synchronous=OFF); sync() does it.
-      sqlite3_wal_hook(db_.get(), &SqliteStateStore::on_wal_commit, this);
+      // NORMAL in WAL mode: commits do not sync; checkpoints do (the WAL before copying, the
+      // database file after), and so does the WAL header when the WAL is reused after one.
+      NM_RETURN_IF_ERROR(exec("PRAGMA synchronous=NORMAL", "set synchronous"));
     }
     return Status::ok();
   }
@@ -232,33 +237,14 @@ class SqliteStateStore final : public StateStore {
 
   Status sync() override {
     assert(!in_txn_ && "StateStore::sync() inside transact()");
+    if (!sync_failed_.is_ok()) return sync_failed_;
     if (durable_ == written_) return Status::ok();
     const uint64_t target = written_;
-    if (wal_frames_ >= kCheckpointFrames) {
-      // FULL for the checkpoint: SQLite syncs the WAL before copying and the database file
-      // before it lets a writer reuse the WAL.
-      NM_RETURN_IF_ERROR(exec("PRAGMA synchronous=FULL", "set synchronous"));
-      int log = 0;
-      int done = 0;
-      const int rc =
-          sqlite3_wal_checkpoint_v2(db_.get(), nullptr, SQLITE_CHECKPOINT_PASSIVE, &log, &done);
-      NM_RETURN_IF_ERROR(exec("PRAGMA synchronous=OFF", "set synchronous"));
-      if (rc != SQLITE_OK) {
-        return unavailable(sqlite_status(db_.get(), rc, "checkpoint").message() + " ('" + path_ +
-                           "')");
-      }
-      // A checkpoint that copied nothing synced nothing either: the WAL is synced below anyway.
-      wal_frames_ = 0;
-    }
-    sqlite3_file* wal = nullptr;
-    const int rc = sqlite3_file_control(db_.get(), "main", SQLITE_FCNTL_JOURNAL_POINTER, &wal);
-    if (rc != SQLITE_OK || wal == nullptr || wal->pMethods == nullptr) {
-      return internal_error("state database '" + path_ + "': no WAL file to sync");
-    }
-    const int sr = wal->pMethods->xSync(wal, SQLITE_SYNC_NORMAL);
-    if (sr != SQLITE_OK) {
-      return unavailable("state database '" + path_ + "': syncing the WAL failed (" +
-                         sqlite3_errstr(sr) + ")");
+    if (Status s = sync_log(); !s.is_ok()) {
+      // Linux may report a failed write-back once only: a later fsync that succeeds proves
+      // nothing about it. Every sync from now on fails.
+      sync_failed_ = s;
+      return s;
     }
     durable_ = target;
     return Status::ok();
@@ -509,13 +495,19 @@ class SqliteStateStore final : public StateStore {
     return Status::ok();
   }
 
-  // SQLite's WAL hook, after each commit: how many frames the WAL holds.
-  static int on_wal_commit(void* self, sqlite3* /*db*/, const char* /*name*/, int frames) {
-    static_cast<SqliteStateStore*>(self)->wal_frames_ = frames;
-    return SQLITE_OK;
+  // fdatasync of the WAL through SQLite's own handle (and of its directory the first time).
+  Status sync_log() {
+    sqlite3_file* wal = nullptr;
+    const int rc = sqlite3_file_control(db_.get(), "main", SQLITE_FCNTL_JOURNAL_POINTER, &wal);
+    if (rc != SQLITE_OK) return sqlite_status(db_.get(), rc, "find the WAL of '" + path_ + "'");
+    if (wal == nullptr || wal->pMethods == nullptr) return Status::ok();  // no WAL open: nothing
+    const int sr = wal->pMethods->xSync(wal, SQLITE_SYNC_NORMAL);
+    if (sr != SQLITE_OK) {
+      return unavailable("state database '" + path_ + "': syncing the WAL failed (" +
+                         sqlite3_errstr(sr) + ")");
+    }
+    return Status::ok();
   }
-
-  static constexpr int kCheckpointFrames = 1000;  // SQLite's own automatic checkpoint threshold
 
   DbPtr db_;
   std::string path_;
@@ -524,7 +516,7 @@ class SqliteStateStore final : public StateStore {
   bool in_txn_ = false;
   uint64_t written_ = 0;  // transactions committed
   uint64_t durable_ = 0;  // of those, known to be on disk
-  int wal_frames_ = 0;    // frames in the WAL after the last commit (deferred_sync)
+  Status sync_failed_;    // the first failed sync(); every later one returns it
   std::map<std::string, StmtPtr, std::less<>> cache_;  // declared after db_: finalized first
 };
 

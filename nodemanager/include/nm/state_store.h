@@ -142,9 +142,9 @@ class StateStore {
   // known to be on disk. Equal at all times without deferred_sync.
   virtual uint64_t written_seq() const = 0;
   virtual uint64_t durable_seq() const = 0;
-  // Makes every transaction written so far durable (one fsync of the log; now and then also a
-  // checkpoint into the database file). Unavailable when the disk refuses: what was written is
-  // then of unknown durability, and the caller must not report it as done.
+  // Makes every transaction written so far durable (one fsync of the log). Unavailable when the
+  // disk refuses: what was written is then of unknown durability, the caller must not report it
+  // as done, and every later sync() fails as well.
   virtual Status sync() = 0;
 
   virtual Result<std::vector<VmRecord>> list_vms() = 0;
@@ -169,10 +169,13 @@ class StateStore {
 //
 // SqliteStateStore details: journal_mode=WAL, synchronous=FULL, foreign_keys=ON, busy timeout
 // 5 s; `PRAGMA user_version` is the schema version, each migration step runs in its own
-// transaction; open() returns with all of it durable. With deferred_sync: synchronous=OFF and no
-// automatic checkpoints; sync() fsyncs the WAL (SQLite's own file handle) and, once the WAL holds
-// 1000 frames, checkpoints it with synchronous=FULL (which syncs the WAL, copies, then syncs the
-// database file before the WAL may be reused); closing syncs first and checkpoints with FULL.
+// transaction; open() syncs the WAL (what a process that died before syncing left there) and
+// returns with everything durable. With deferred_sync: synchronous=NORMAL, under which commits do
+// not sync but SQLite's automatic checkpoints do (the WAL before copying, the database file
+// before the WAL is reused, the WAL header when it is); sync() is an fdatasync of the WAL through
+// SQLite's own file handle. After a failed sync every later sync() fails too (a failed
+// write-back may be reported once only) and closing leaves the WAL alone instead of
+// checkpointing it; otherwise closing syncs first.
 // Request records older than `now_us - options.request_retention_us` are dropped here. SQLite
 // errors map to Status as: disk full, I/O error, busy/locked, read-only, cannot open
 // -> Unavailable; a primary-key or unique violation (duplicate request id, VM name taken) ->

@@ -4,6 +4,8 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
+#include <cstdlib>
 #include <filesystem>
 #include <fstream>
 
@@ -50,6 +52,142 @@ VmRecord vm_named(const std::string& name, const std::string& id) {
 constexpr const char* kId1 = "11111111-1111-4111-8111-111111111111";
 constexpr const char* kId2 = "22222222-2222-4222-8222-222222222222";
 
+// A pass-through VFS over SQLite's "unix" one that records what happens to WAL files ('H' the
+// header written, 'W' a frame written, 'S' a sync) and can fail the next WAL sync: the store's
+// durability protocol, observed where it meets the disk.
+namespace vfs_probe {
+std::string wal_ops;
+int fail_next_wal_sync = 0;
+sqlite3_vfs* real = nullptr;
+sqlite3_vfs probe;
+
+struct File {
+  sqlite3_file base;
+  sqlite3_file* real;
+  bool wal;
+};
+sqlite3_file* real_of(sqlite3_file* f) {
+  return reinterpret_cast<File*>(f)->real;
+}
+bool is_wal(sqlite3_file* f) {
+  return reinterpret_cast<File*>(f)->wal;
+}
+
+int x_close(sqlite3_file* f) {
+  const int rc = real_of(f)->pMethods->xClose(real_of(f));
+  std::free(real_of(f));
+  return rc;
+}
+int x_read(sqlite3_file* f, void* b, int n, sqlite3_int64 o) {
+  return real_of(f)->pMethods->xRead(real_of(f), b, n, o);
+}
+int x_write(sqlite3_file* f, const void* b, int n, sqlite3_int64 o) {
+  if (is_wal(f)) wal_ops += o == 0 ? 'H' : 'W';
+  return real_of(f)->pMethods->xWrite(real_of(f), b, n, o);
+}
+int x_truncate(sqlite3_file* f, sqlite3_int64 size) {
+  return real_of(f)->pMethods->xTruncate(real_of(f), size);
+}
+int x_sync(sqlite3_file* f, int flags) {
+  if (is_wal(f)) {
+    if (fail_next_wal_sync > 0) {
+      --fail_next_wal_sync;
+      return SQLITE_IOERR_FSYNC;
+    }
+    wal_ops += 'S';
+  }
+  return real_of(f)->pMethods->xSync(real_of(f), flags);
+}
+int x_file_size(sqlite3_file* f, sqlite3_int64* size) {
+  return real_of(f)->pMethods->xFileSize(real_of(f), size);
+}
+int x_lock(sqlite3_file* f, int l) {
+  return real_of(f)->pMethods->xLock(real_of(f), l);
+}
+int x_unlock(sqlite3_file* f, int l) {
+  return real_of(f)->pMethods->xUnlock(real_of(f), l);
+}
+int x_check_reserved_lock(sqlite3_file* f, int* out) {
+  return real_of(f)->pMethods->xCheckReservedLock(real_of(f), out);
+}
+int x_file_control(sqlite3_file* f, int op, void* arg) {
+  return real_of(f)->pMethods->xFileControl(real_of(f), op, arg);
+}
+int x_sector_size(sqlite3_file* f) {
+  return real_of(f)->pMethods->xSectorSize(real_of(f));
+}
+int x_device_characteristics(sqlite3_file* f) {
+  return real_of(f)->pMethods->xDeviceCharacteristics(real_of(f));
+}
+int x_shm_map(sqlite3_file* f, int region, int size, int extend, void volatile** out) {
+  return real_of(f)->pMethods->xShmMap(real_of(f), region, size, extend, out);
+}
+int x_shm_lock(sqlite3_file* f, int offset, int n, int flags) {
+  return real_of(f)->pMethods->xShmLock(real_of(f), offset, n, flags);
+}
+void x_shm_barrier(sqlite3_file* f) {
+  real_of(f)->pMethods->xShmBarrier(real_of(f));
+}
+int x_shm_unmap(sqlite3_file* f, int del) {
+  return real_of(f)->pMethods->xShmUnmap(real_of(f), del);
+}
+int x_fetch(sqlite3_file* f, sqlite3_int64 o, int n, void** out) {
+  return real_of(f)->pMethods->xFetch(real_of(f), o, n, out);
+}
+int x_unfetch(sqlite3_file* f, sqlite3_int64 o, void* p) {
+  return real_of(f)->pMethods->xUnfetch(real_of(f), o, p);
+}
+
+const sqlite3_io_methods kMethods = {3,
+                                     x_close,
+                                     x_read,
+                                     x_write,
+                                     x_truncate,
+                                     x_sync,
+                                     x_file_size,
+                                     x_lock,
+                                     x_unlock,
+                                     x_check_reserved_lock,
+                                     x_file_control,
+                                     x_sector_size,
+                                     x_device_characteristics,
+                                     x_shm_map,
+                                     x_shm_lock,
+                                     x_shm_barrier,
+                                     x_shm_unmap,
+                                     x_fetch,
+                                     x_unfetch};
+
+int x_open(sqlite3_vfs* /*vfs*/, const char* name, sqlite3_file* f, int flags, int* out) {
+  auto* file = reinterpret_cast<File*>(f);
+  file->base.pMethods = nullptr;
+  file->real = static_cast<sqlite3_file*>(std::calloc(1, static_cast<size_t>(real->szOsFile)));
+  file->wal = (flags & SQLITE_OPEN_WAL) != 0;
+  const int rc = real->xOpen(real, name, file->real, flags, out);
+  if (rc != SQLITE_OK || file->real->pMethods == nullptr) {
+    std::free(file->real);
+    return rc;
+  }
+  file->base.pMethods = &kMethods;
+  return rc;
+}
+
+// The default VFS until uninstall(): every connection opened meanwhile goes through it.
+void install() {
+  real = sqlite3_vfs_find("unix");
+  probe = *real;
+  probe.zName = "nm-test-probe";
+  probe.szOsFile = static_cast<int>(sizeof(File));
+  probe.xOpen = x_open;
+  sqlite3_vfs_register(&probe, 1);
+  wal_ops.clear();
+  fail_next_wal_sync = 0;
+}
+void uninstall() {
+  sqlite3_vfs_unregister(&probe);
+}
+}  // namespace vfs_probe
+
 class SqliteStateStoreTest : public ::testing::Test {
  protected:
   void SetUp() override {
@@ -62,8 +200,16 @@ class SqliteStateStoreTest : public ::testing::Test {
   }
   void TearDown() override {
     store_.reset();
+    if (probing_) vfs_probe::uninstall();
     fs::remove_all(dir_);
   }
+
+  // Connections opened from here on go through vfs_probe.
+  void probe() {
+    vfs_probe::install();
+    probing_ = true;
+  }
+  bool probing_ = false;
 
   void open(const SqliteOptions& options = {}, uint64_t now_us = kNow) {
     store_.reset();
@@ -497,14 +643,15 @@ TEST_F(SqliteStateStoreTest, DeferredWritesSurviveAProcessThatDiesBeforeSyncing)
   EXPECT_TRUE(got->has_value());
 }
 
-// No automatic checkpoints with group commit: sync() checkpoints, so the WAL does not grow
-// without bound.
+// Group commit keeps SQLite's automatic checkpoints (which sync what they copy): the WAL does not
+// grow without bound.
 TEST_F(SqliteStateStoreTest, DeferredSyncCheckpointsSoTheWalStaysBounded) {
   SqliteOptions deferred;
   deferred.deferred_sync = true;
   open(deferred);
-  const std::string value(3000, 'v');
   for (int i = 0; i < 3000; ++i) {
+    // Distinct bytes each time: SQLite writes nothing for a row updated to what it holds.
+    const std::string value = std::to_string(i) + std::string(3000, 'v');
     ASSERT_TRUE(store_
                     ->transact([&](StateTxn& txn) {
                       return txn.put_setting("key-" + std::to_string(i % 50), value);
@@ -518,7 +665,110 @@ TEST_F(SqliteStateStoreTest, DeferredSyncCheckpointsSoTheWalStaysBounded) {
   RecordProperty("wal_bytes", std::to_string(wal));
   EXPECT_LT(wal, uintmax_t{6} << 20);  // 3000 commits of a 3 KB row: over 12 MiB unchecked
   open();
-  EXPECT_EQ(store_->get_setting("key-49")->value_or(""), value);
+  EXPECT_EQ(store_->get_setting("key-49")->value_or(""), "2999" + std::string(3000, 'v'));
+}
+
+TEST_F(SqliteStateStoreTest, DeferredCommitsDoNotSyncAndOneSyncCoversThemAll) {
+  probe();
+  open();  // synchronous=FULL: every commit syncs the WAL
+  vfs_probe::wal_ops.clear();
+  ASSERT_TRUE(put(vm_named("web-1", kId1)).is_ok());
+  EXPECT_NE(vfs_probe::wal_ops.find('S'), std::string::npos) << vfs_probe::wal_ops;
+
+  SqliteOptions deferred;
+  deferred.deferred_sync = true;
+  open(deferred);
+  // The first commit starts a new WAL (the last close checkpointed and removed it) and syncs its
+  // header: that is the reused-header rule below, not a commit's sync.
+  ASSERT_TRUE(put(vm_named("db-1", kId2)).is_ok());
+  vfs_probe::wal_ops.clear();
+  for (int i = 0; i < 10; ++i) {
+    ASSERT_TRUE(store_
+                    ->transact([&](StateTxn& txn) {
+                      return txn.put_setting("k", "value " + std::to_string(i));
+                    })
+                    .is_ok());
+  }
+  EXPECT_EQ(vfs_probe::wal_ops.find('S'), std::string::npos) << vfs_probe::wal_ops;
+  EXPECT_NE(vfs_probe::wal_ops.find('W'), std::string::npos) << vfs_probe::wal_ops;
+  ASSERT_TRUE(store_->sync().is_ok());
+  EXPECT_EQ(std::count(vfs_probe::wal_ops.begin(), vfs_probe::wal_ops.end(), 'S'), 1)
+      << vfs_probe::wal_ops;
+  ASSERT_TRUE(store_->sync().is_ok());  // nothing written since: no sync
+  EXPECT_EQ(std::count(vfs_probe::wal_ops.begin(), vfs_probe::wal_ops.end(), 'S'), 1);
+}
+
+// When a checkpoint lets the WAL be reused, SQLite writes a new header over the old one: it must
+// be on disk before new frames overwrite old ones, or a power loss could leave the old header
+// with a mix of frames that recovery would replay over checkpointed data.
+TEST_F(SqliteStateStoreTest, AReusedWalHasItsHeaderSyncedBeforeNewFrames) {
+  probe();
+  SqliteOptions deferred;
+  deferred.deferred_sync = true;
+  open(deferred);
+  vfs_probe::wal_ops.clear();
+  for (int i = 0; i < 2500; ++i) {
+    const std::string value = std::to_string(i) + std::string(3000, 'v');
+    ASSERT_TRUE(store_
+                    ->transact([&](StateTxn& txn) {
+                      return txn.put_setting("key-" + std::to_string(i % 50), value);
+                    })
+                    .is_ok());
+  }
+  const std::string& ops = vfs_probe::wal_ops;
+  size_t restarts = 0;
+  for (size_t at = ops.find('H'); at != std::string::npos; at = ops.find('H', at + 1)) {
+    ++restarts;
+    const size_t next_write = ops.find('W', at);
+    const size_t next_sync = ops.find('S', at);
+    EXPECT_LT(next_sync, next_write) << "header at op " << at << " not synced before frames";
+  }
+  EXPECT_GE(restarts, 1u) << "no checkpoint let the WAL be reused; write more";
+}
+
+// open() makes durable what a process that died before syncing left in the WAL.
+TEST_F(SqliteStateStoreTest, OpenSyncsWhatADeadProcessLeftInTheWal) {
+  const pid_t child = ::fork();
+  ASSERT_GE(child, 0);
+  if (child == 0) {
+    SqliteOptions deferred;
+    deferred.deferred_sync = true;
+    auto store = open_sqlite_state_store(path_, deferred, kNow);
+    if (!store.is_ok()) ::_exit(2);
+    const Status s =
+        (*store)->transact([](StateTxn& txn) { return txn.put_vm(vm_named("web-1", kId1)); });
+    ::_exit(s.is_ok() ? 0 : 3);
+  }
+  int status = 0;
+  ASSERT_EQ(::waitpid(child, &status, 0), child);
+  ASSERT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0);
+  probe();
+  SqliteOptions deferred;
+  deferred.deferred_sync = true;
+  open(deferred);
+  EXPECT_NE(vfs_probe::wal_ops.find('S'), std::string::npos) << vfs_probe::wal_ops;
+  EXPECT_EQ(store_->durable_seq(), store_->written_seq());
+  EXPECT_TRUE(store_->get_vm(VmId::trusted(kId1))->has_value());
+}
+
+// A failed fsync may be reported once only: the store never reports durability after one, and
+// does not checkpoint and drop the WAL when closed.
+TEST_F(SqliteStateStoreTest, AFailedSyncIsRememberedAndTheWalIsKept) {
+  probe();
+  SqliteOptions deferred;
+  deferred.deferred_sync = true;
+  open(deferred);
+  ASSERT_TRUE(put(vm_named("web-1", kId1)).is_ok());
+  vfs_probe::fail_next_wal_sync = 1;
+  const Status first = store_->sync();
+  EXPECT_EQ(first.code(), Code::kUnavailable) << first.to_string();
+  const Status again = store_->sync();  // the disk would say yes now
+  EXPECT_EQ(again.code(), Code::kUnavailable) << again.to_string();
+  EXPECT_LT(store_->durable_seq(), store_->written_seq());
+  store_.reset();
+  EXPECT_TRUE(fs::exists(path_ + "-wal"));
+  open();
+  EXPECT_TRUE(store_->get_vm(VmId::trusted(kId1))->has_value());
 }
 
 TEST_F(SqliteStateStoreTest, NestedTransactIsAProgrammingError) {
