@@ -313,8 +313,14 @@ int run(const nm::DaemonConfig& cfg) {
 
   const nm::Status ran = ev.run();
   notify_status("stopping");
+  int exit_code = ev.exit_code();
   // Replies and signals still waiting for a sync go out while the bus is still there.
-  if (ran.is_ok() && ev.exit_code() == 0) service->release_held();
+  if (ran.is_ok() && exit_code == 0) {
+    if (const nm::Status s = service->release_held(); !s.is_ok()) {
+      log->critical("the state database cannot be made durable ({}); exiting", s.message());
+      exit_code = EXIT_FAILURE;
+    }
+  }
   // Order: the bus goes first (no new calls), then stop_jobs lets the workers finish their
   // current step (they use the service), then the service, the hypervisor connection, the loop.
   server->reset();
@@ -323,7 +329,7 @@ int run(const nm::DaemonConfig& cfg) {
     return kExitStartup;
   }
   log->info("stopped");
-  return ev.exit_code();
+  return exit_code;
 }
 
 }  // namespace

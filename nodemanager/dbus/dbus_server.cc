@@ -125,6 +125,12 @@ std::string dbus_error_name(Code code) {
 
 struct DbusServer::Impl {
   Impl(NodeService& s, const AuthzPolicy& p) : service(s), policy(p) {}
+  // Replies and signals the service still holds must not reach a destroyed server.
+  ~Impl() { *alive = false; }
+  Impl(const Impl&) = delete;
+  Impl& operator=(const Impl&) = delete;
+
+  std::shared_ptr<bool> alive = std::make_shared<bool>(true);
 
   NodeService& service;
   const AuthzPolicy policy;
@@ -141,11 +147,16 @@ struct DbusServer::Impl {
 
   // Every reply leaves through here: once the state it reports is durable (group commit: the
   // service holds it until its next sync). 1 once handed over.
-  int send_reply(MessagePtr msg) {
+  int send_reply(sd_bus_message* call, MessagePtr msg) {
     std::shared_ptr<sd_bus_message> held(msg.release(), MessageDeleter());
-    service.after_durable([this, held] {
+    std::shared_ptr<sd_bus_message> to(sd_bus_message_ref(call), MessageDeleter());
+    service.after_durable([this, held, to, alive = alive] {
+      if (!*alive) return;
       const int r = sd_bus_send(bus.get(), held.get(), nullptr);
-      if (r < 0) log->warn("sending a reply failed: {}", std::strerror(-r));
+      if (r >= 0) return;
+      log->warn("sending the reply to {} failed: {}", member_of(to.get()), std::strerror(-r));
+      // The caller would otherwise wait for its timeout: tell it, if the bus still can.
+      (void)sd_bus_reply_method_errno(to.get(), r, nullptr);
     });
     return 1;
   }
@@ -158,7 +169,7 @@ struct DbusServer::Impl {
     if (r < 0) return r;
     if (types[0] != '\0') r = sd_bus_message_append(msg.get(), types, args...);
     if (r < 0) return r;
-    return send_reply(std::move(msg));
+    return send_reply(m, std::move(msg));
   }
 
   int reply_error(sd_bus_message* m, const Status& s) {
@@ -168,7 +179,7 @@ struct DbusServer::Impl {
                                                    s.message().c_str());
     MessagePtr msg(raw);
     if (r < 0) return r;
-    return send_reply(std::move(msg));
+    return send_reply(m, std::move(msg));
   }
 
   // The reply for a handler that failed with `error` (a negative errno) before replying.
@@ -177,7 +188,7 @@ struct DbusServer::Impl {
     const int r = sd_bus_message_new_method_errno(m, &raw, error, nullptr);
     MessagePtr msg(raw);
     if (r < 0) return r;
-    return send_reply(std::move(msg));
+    return send_reply(m, std::move(msg));
   }
 
   int reply_job(sd_bus_message* m, const Result<uint32_t>& job) {
@@ -360,7 +371,9 @@ struct DbusServer::Impl {
   }
 
   void emit_when_durable(const char* what, std::function<void()> body) {
-    service.after_durable([this, what, body = std::move(body)] { run_observer(what, body); });
+    service.after_durable([this, what, body = std::move(body), alive = alive] {
+      if (*alive) run_observer(what, body);
+    });
   }
 
   void run_observer(const char* what, const std::function<void()>& body) noexcept {
@@ -482,7 +495,7 @@ struct DbusServer::Impl {
                                   vm.state.c_str(), vm.generation, vm.observed_generation);
       });
       if (r >= 0) r = sd_bus_message_close_container(reply.get());
-      if (r >= 0) r = self.send_reply(std::move(reply));
+      if (r >= 0) r = self.send_reply(m, std::move(reply));
       return r;
     });
   }
@@ -538,7 +551,7 @@ struct DbusServer::Impl {
                                   n.spec.vni.value(), ports, n.state.c_str());
       }
       if (r >= 0) r = sd_bus_message_close_container(reply.get());
-      if (r >= 0) r = self.send_reply(std::move(reply));
+      if (r >= 0) r = self.send_reply(m, std::move(reply));
       return r;
     });
   }
@@ -587,7 +600,7 @@ struct DbusServer::Impl {
         if (r >= 0) r = sd_bus_message_close_container(reply.get());
       }
       if (r >= 0) r = sd_bus_message_close_container(reply.get());
-      if (r >= 0) r = self.send_reply(std::move(reply));
+      if (r >= 0) r = self.send_reply(m, std::move(reply));
       return r;
     });
   }
@@ -651,7 +664,7 @@ struct DbusServer::Impl {
       }
       if (r >= 0) r = sd_bus_message_close_container(reply.get());
       if (r >= 0) r = sd_bus_message_append(reply.get(), "t", plan->bytes);
-      if (r >= 0) r = self.send_reply(std::move(reply));
+      if (r >= 0) r = self.send_reply(m, std::move(reply));
       return r;
     });
   }
@@ -705,7 +718,7 @@ struct DbusServer::Impl {
       }
       if (r >= 0) r = sd_bus_message_close_container(reply.get());
       if (r >= 0) r = sd_bus_message_append(reply.get(), "t", self.service.last_event_seq());
-      if (r >= 0) r = self.send_reply(std::move(reply));
+      if (r >= 0) r = self.send_reply(m, std::move(reply));
       return r;
     });
   }
@@ -735,7 +748,7 @@ struct DbusServer::Impl {
           reply.get(), "sbst", std::string(health_state_name(h.state)).c_str(),
           static_cast<int>(h.maintenance), h.maintenance_reason.c_str(), h.heartbeat_seq);
       if (r >= 0) r = append_checks(reply.get(), h.checks);
-      if (r >= 0) r = self.send_reply(std::move(reply));
+      if (r >= 0) r = self.send_reply(m, std::move(reply));
       return r;
     });
   }
@@ -754,7 +767,7 @@ struct DbusServer::Impl {
                                   c.ratio, c.capacity, c.allocated);
       }
       if (r >= 0) r = sd_bus_message_close_container(reply.get());
-      if (r >= 0) r = self.send_reply(std::move(reply));
+      if (r >= 0) r = self.send_reply(m, std::move(reply));
       return r;
     });
   }
@@ -783,7 +796,7 @@ struct DbusServer::Impl {
       const std::string_view p(property);
       if (p == "Version") return sd_bus_message_append(reply, "s", NM_VERSION);
       if (p == "LastEventSeq") {
-        return sd_bus_message_append(reply, "t", self.service.last_event_seq());
+        return sd_bus_message_append(reply, "t", self.service.durable_event_seq());
       }
       return -ENOENT;
     });
@@ -1160,6 +1173,8 @@ std::string DbusServer::unique_name() const {
 
 void DbusServer::on_vm_added(const VmRecord& vm) {
   impl_->guard_observer("on_vm_added", [=, this] {
+    // Held until durable, this runs later: a VM removed meanwhile is announced by its removal.
+    if (!impl_->service.get_vm(vm.id.str()).is_ok()) return;
     const std::string path = vm_object_path(vm.id.str());
     impl_->warn_if_failed(sd_bus_emit_object_added(impl_->bus.get(), path.c_str()),
                           "InterfacesAdded", path);
@@ -1168,6 +1183,7 @@ void DbusServer::on_vm_added(const VmRecord& vm) {
 
 void DbusServer::on_vm_changed(const VmRecord& vm) {
   impl_->guard_observer("on_vm_changed", [=, this] {
+    if (!impl_->service.get_vm(vm.id.str()).is_ok()) return;  // removed meanwhile
     const std::string path = vm_object_path(vm.id.str());
     impl_->warn_if_failed(
         sd_bus_emit_properties_changed(impl_->bus.get(), path.c_str(), kVmInterface.data(), "State",
@@ -1187,8 +1203,10 @@ void DbusServer::on_vm_removed(const VmId& id) {
 void DbusServer::on_job_added(const JobView& job) {
   impl_->guard_observer("on_job_added", [=, this] {
     const std::string path = job_object_path(job.id);
-    impl_->warn_if_failed(sd_bus_emit_object_added(impl_->bus.get(), path.c_str()),
-                          "InterfacesAdded", path);
+    if (impl_->service.get_job(job.id)) {  // else it ended meanwhile: JobRemoved follows
+      impl_->warn_if_failed(sd_bus_emit_object_added(impl_->bus.get(), path.c_str()),
+                            "InterfacesAdded", path);
+    }
     impl_->warn_if_failed(sd_bus_emit_signal(impl_->bus.get(), kManagerPath.data(),
                                              kManagerInterface.data(), "JobNew", "uoss", job.id,
                                              path.c_str(), job.kind.c_str(), job.object_id.c_str()),
@@ -1198,6 +1216,7 @@ void DbusServer::on_job_added(const JobView& job) {
 
 void DbusServer::on_job_changed(const JobView& job) {
   impl_->guard_observer("on_job_changed", [=, this] {
+    if (!impl_->service.get_job(job.id)) return;  // ended meanwhile
     const std::string path = job_object_path(job.id);
     impl_->warn_if_failed(sd_bus_emit_properties_changed(
                               impl_->bus.get(), path.c_str(), kJobInterface.data(), "State",

@@ -216,6 +216,7 @@ class NodeServiceImpl final : public NodeService {
         opt_.domain_type.empty() ? d_.hypervisor.default_domain_type() : opt_.domain_type;
     NM_ASSIGN_OR_RETURN(auto records, d_.store.list_vms());
     NM_ASSIGN_OR_RETURN(last_seq_, d_.store.last_event_seq());
+    durable_last_seq_ = last_seq_;  // the store is durable when opened
     for (auto& r : records) {
       name_index_[r.spec.name.str()] = r.id.str();
       auto [it, _] = vms_.emplace(r.id.str(), std::move(r));
@@ -865,6 +866,9 @@ class NodeServiceImpl final : public NodeService {
     return d_.store.events_since(since, max);
   }
   uint64_t last_event_seq() const override { return last_seq_; }
+  uint64_t durable_event_seq() const override {
+    return d_.store.durable_seq() >= d_.store.written_seq() ? last_seq_ : durable_last_seq_;
+  }
 
   std::vector<JobView> list_jobs() const override {
     std::vector<JobView> out;
@@ -2224,28 +2228,30 @@ class NodeServiceImpl final : public NodeService {
     if (held_.empty() && d_.store.durable_seq() >= d_.store.written_seq()) return;
     sync_scheduled_ = true;
     d_.loop.post_idle([this, alive = alive_] {
-      if (*alive) sync_held();
+      if (*alive) (void)sync_held();
     });
     d_.loop.post_after(opt_.sync_max_delay, [this, alive = alive_] {
-      if (*alive) sync_held();
+      if (*alive) (void)sync_held();
     });
   }
 
-  void release_held() override {
-    if (held_.empty()) return;
+  Status release_held() override {
+    stopping_ = true;
     sync_scheduled_ = true;
-    sync_held();
+    return sync_held();
   }
 
-  void sync_held() {
-    if (!sync_scheduled_) return;
+  Status sync_held() {
+    if (!sync_scheduled_) return Status::ok();
     sync_scheduled_ = false;
-    if (const Status s = d_.store.sync(); !s.is_ok()) {
+    const uint64_t seq = last_seq_;
+    if (Status s = d_.store.sync(); !s.is_ok()) {
       log_->critical("{}: {} replies, signals or jobs stay held", s.to_string(), held_.size());
       set_host_check("state-db", HealthState::kFailed, s.message());
-      if (opt_.on_sync_failure) opt_.on_sync_failure(s);
-      return;
+      if (opt_.on_sync_failure && !stopping_) opt_.on_sync_failure(s);
+      return s;
     }
+    durable_last_seq_ = seq;
     // What a released function writes is held again, behind what waits already.
     while (!held_.empty() && held_.front().seq <= d_.store.durable_seq()) {
       std::function<void()> fn = std::move(held_.front().fn);
@@ -2253,6 +2259,7 @@ class NodeServiceImpl final : public NodeService {
       fn();
     }
     if (!held_.empty()) schedule_sync();
+    return Status::ok();
   }
 
   void run(uint32_t id) {
@@ -2262,7 +2269,7 @@ class NodeServiceImpl final : public NodeService {
     // The job acts on desired state: only once that is durable.
     after_durable(
         [this, id, ctx = job.ctx, work = job.work, fields = job.log_fields, alive = alive_] {
-          if (*alive) submit_job(id, ctx, work, fields);
+          if (*alive && !stopping_) submit_job(id, ctx, work, fields);
         });
   }
 
@@ -2858,6 +2865,8 @@ class NodeServiceImpl final : public NodeService {
   };
   std::deque<Held> held_;
   bool sync_scheduled_ = false;
+  bool stopping_ = false;          // release_held() ran: held jobs are not started any more
+  uint64_t durable_last_seq_ = 0;  // last_seq_ as of the last successful sync
   // Per VM (or orphan uuid): epoch_counter_ at the last job enqueue/completion. A libvirt snapshot
   // taken before that is stale for the VM and must not drive the reconciler.
   std::map<std::string, uint64_t> epoch_;

@@ -223,6 +223,9 @@ class NodeService {
   // ---- Events and jobs ----
   virtual Result<std::vector<EventRecord>> events_since(uint64_t since, uint32_t max) = 0;
   virtual uint64_t last_event_seq() const = 0;
+  // The last event seq known to be on disk (<= last_event_seq(); equal once a group commit
+  // synced): what may be shown outside a held reply, e.g. in a property.
+  virtual uint64_t durable_event_seq() const { return last_event_seq(); }
   virtual std::vector<JobView> list_jobs() const = 0;
   virtual std::optional<JobView> get_job(uint32_t id) const = 0;
   // Queued jobs end at once as "cancelled"; a running job stops at its next step boundary.
@@ -270,8 +273,10 @@ class NodeService {
     const std::function<void()> run = std::move(fn);
     run();
   }
-  // Loop thread, when the loop has stopped (shutdown): syncs now and releases what waited.
-  virtual void release_held() {}
+  // Loop thread, when the loop has stopped (shutdown): syncs now and releases the replies and
+  // signals that waited; held jobs are not started (the next start finishes them). The sync's
+  // Status: not OK means nothing was released.
+  virtual Status release_held() { return Status::ok(); }
 };
 
 // GetVm's JSON document: {"id", "spec", "state", "state_reason", "desired_power", "generation",

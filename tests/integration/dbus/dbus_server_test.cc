@@ -253,8 +253,10 @@ class FakeNodeService final : public NodeService {
                                   std::string_view request_id) override {
     NM_RETURN_IF_ERROR(
         record("create_vm(" + std::string(spec_json) + "," + std::string(request_id) + ")"));
+    if (on_create) on_create();
     return CreateVmReply{VmId::trusted(kVmId), 7};
   }
+  std::function<void()> on_create;  // loop thread: runs inside CreateVm, as a service would
   Result<uint32_t> start_vm(std::string_view vm, std::string_view request_id) override {
     NM_RETURN_IF_ERROR(record("start_vm(" + std::string(vm) + "," + std::string(request_id) + ")"));
     return 11u;
@@ -1373,8 +1375,73 @@ TEST_F(DbusServerTest, RepliesAndSignalsWaitForDurabilityAndKeepTheirOrder) {
   EXPECT_EQ(held, 2u);
 
   run_on_loop([&] { fake_.release_all(); });
-  pump(std::chrono::milliseconds(300));
+  const auto until = std::chrono::steady_clock::now() + kTimeout;
+  while (arrived.size() < 2 && std::chrono::steady_clock::now() < until) {
+    pump(std::chrono::milliseconds(20));
+  }
   EXPECT_EQ(arrived, (std::vector<std::string>{"reply", "signal"}));
+}
+
+// Inside a call: the signal the call causes is held behind its reply, and an error reply is held
+// like any other.
+TEST_F(DbusServerTest, SignalsFromInsideACallAndErrorRepliesAreHeldInOrder) {
+  subscribe(kManagerInterface.data(), "VmStateChanged");
+  run_on_loop([&] {
+    fake_.holding = true;
+    fake_.on_create = [this] {
+      fake_.observer()->on_event({9, 2, "VmStateChanged", kVmId,
+                                  R"({"name":"web-1","state":"creating","reason":"requested"})"});
+    };
+  });
+  std::vector<std::string> arrived;
+  const auto on_reply = [](sd_bus_message* m, void* ud, sd_bus_error*) -> int {
+    static_cast<std::vector<std::string>*>(ud)->push_back(
+        sd_bus_message_is_method_error(m, nullptr) ? "error" : "reply");
+    return 0;
+  };
+  const auto wait_held = [&](size_t n) {
+    size_t held = 0;
+    for (int i = 0; i < 500 && held < n; ++i) {
+      sd_bus_flush(client_.get());
+      run_on_loop([&] { held = fake_.held.size(); });
+      if (held < n) std::this_thread::sleep_for(std::chrono::milliseconds(2));
+    }
+    return held;
+  };
+  sd_bus_slot* raw = nullptr;
+  ASSERT_GE(sd_bus_call_method_async(client_.get(), &raw, kBusName.data(), kManagerPath.data(),
+                                     kManagerInterface.data(), "CreateVm", on_reply, &arrived, "ss",
+                                     "{}", ""),
+            0);
+  SlotPtr create(raw);
+  ASSERT_EQ(wait_held(2), 2u);  // the reply, then the signal deferred behind it
+  fake_.fail_next(Status(Code::kNotFound, "no vm 'nope'"));
+  ASSERT_GE(sd_bus_call_method_async(client_.get(), &raw, kBusName.data(), kManagerPath.data(),
+                                     kManagerInterface.data(), "StartVm", on_reply, &arrived, "ss",
+                                     "nope", ""),
+            0);
+  SlotPtr start(raw);
+  ASSERT_EQ(wait_held(3), 3u);
+
+  const auto pump = [&](std::chrono::milliseconds d) {
+    const auto until = std::chrono::steady_clock::now() + d;
+    while (std::chrono::steady_clock::now() < until && arrived.size() < 3) {
+      for (auto& m : signals_) {
+        if (m) arrived.emplace_back("signal");
+        m.reset();
+      }
+      if (sd_bus_process(client_.get(), nullptr) > 0) continue;
+      sd_bus_wait(client_.get(), 10'000);
+    }
+  };
+  pump(std::chrono::milliseconds(100));
+  EXPECT_TRUE(arrived.empty()) << arrived.front();
+  run_on_loop([&] {
+    fake_.on_create = nullptr;
+    fake_.release_all();
+  });
+  pump(kTimeout);
+  EXPECT_EQ(arrived, (std::vector<std::string>{"reply", "signal", "error"}));
 }
 
 TEST_F(DbusServerTest, ManagerPropertiesReadFromTheService) {

@@ -251,6 +251,8 @@ TEST_F(NodeServiceTest, JobsAndHeldFunctionsWaitForTheSync) {
   auto created = service_->create_vm(spec("web-1"), "");
   ASSERT_TRUE(created.is_ok()) << created.status().to_string();
   EXPECT_LT(store_->durable_seq(), store_->written_seq());
+  // Its VmStateChanged has a seq already; the seq shown outside held replies does not yet.
+  EXPECT_LT(service_->durable_event_seq(), service_->last_event_seq());
   service_->after_durable([&] { order.push_back("after create"); });
   service_->after_durable([&] { order.push_back("behind it"); });
   // The workers are idle and real: had the job been handed to them, it would define the domain.
@@ -263,6 +265,26 @@ TEST_F(NodeServiceTest, JobsAndHeldFunctionsWaitForTheSync) {
   EXPECT_EQ(order, (std::vector<std::string>{"now", "after create", "behind it"}));
   ASSERT_TRUE(settle());
   EXPECT_TRUE(loop_.run_until([&] { return store_->durable_seq() == store_->written_seq(); }));
+  EXPECT_EQ(service_->durable_event_seq(), service_->last_event_seq());
+}
+
+// At shutdown what waits is synced and released, but a held job is not started any more: the
+// next start finishes it from the database.
+TEST_F(NodeServiceTest, ReleaseAtShutdownSyncsAndSendsButStartsNoJob) {
+  auto created = service_->create_vm(spec("web-1"), "");
+  ASSERT_TRUE(created.is_ok()) << created.status().to_string();
+  bool released = false;
+  service_->after_durable([&] { released = true; });
+  ASSERT_TRUE(service_->release_held().is_ok());
+  EXPECT_TRUE(released);
+  EXPECT_EQ(store_->durable_seq(), store_->written_seq());
+  std::this_thread::sleep_for(100ms);
+  EXPECT_FALSE(hv_.domain(created->vm_id.str()).has_value());
+
+  open_service();  // the next start: the create is finished under the same job
+  EXPECT_TRUE(loop_.run_until([&] { return hv_.domain(created->vm_id.str()).has_value(); }));
+  ASSERT_TRUE(settle());
+  EXPECT_EQ(state(created->vm_id), "stopped");
 }
 
 TEST_F(NodeServiceTest, FullLifecycleDrivesTheHypervisorAndRecordsEveryState) {
