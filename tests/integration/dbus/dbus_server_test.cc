@@ -799,6 +799,47 @@ class DbusServerTest : public ::testing::Test {
     }
   }
 
+  // A Manager method called without waiting; its reply (or error) is recorded in arrived_.
+  template <typename... Args>
+  SlotPtr call_async(const char* member, const char* types, Args... args) {
+    sd_bus_slot* raw = nullptr;
+    const int r = sd_bus_call_method_async(
+        client_.get(), &raw, kBusName.data(), kManagerPath.data(), kManagerInterface.data(), member,
+        [](sd_bus_message* m, void* ud, sd_bus_error*) -> int {
+          static_cast<std::vector<std::string>*>(ud)->emplace_back(
+              sd_bus_message_is_method_error(m, nullptr) ? "error" : "reply");
+          return 0;
+        },
+        &arrived_, types, args...);
+    EXPECT_GE(r, 0) << strerror(-r);
+    return SlotPtr(raw);
+  }
+
+  // Waits (up to a second) until the fake service holds `n` functions; how many it holds.
+  size_t wait_held(size_t n) {
+    size_t held = 0;
+    for (int i = 0; i < 500 && held < n; ++i) {
+      sd_bus_flush(client_.get());
+      run_on_loop([&] { held = fake_.held.size(); });
+      if (held < n) std::this_thread::sleep_for(std::chrono::milliseconds(2));
+    }
+    return held;
+  }
+
+  // Processes the client's messages for `d` or until `n` arrivals: replies (by call_async) and
+  // subscribed signals, in the order they came, in arrived_.
+  void pump_arrivals(size_t n, std::chrono::milliseconds d) {
+    const auto until = std::chrono::steady_clock::now() + d;
+    while (arrived_.size() < n && std::chrono::steady_clock::now() < until) {
+      for (auto& m : signals_) {
+        if (m) arrived_.emplace_back("signal");
+        m.reset();
+      }
+      if (sd_bus_process(client_.get(), nullptr) > 0) continue;
+      sd_bus_wait(client_.get(), 10'000);
+    }
+  }
+
   // GetManagedObjects: path -> interfaces.
   std::map<std::string, std::set<std::string>> managed_objects() {
     BusError error;
@@ -845,6 +886,7 @@ class DbusServerTest : public ::testing::Test {
   std::promise<void> loop_ended_;
   BusPtr client_;
   std::vector<SlotPtr> matches_;
+  std::vector<std::string> arrived_;  // see pump_arrivals()
   std::vector<MessagePtr> signals_;
 };
 
@@ -1333,53 +1375,19 @@ TEST_F(DbusServerTest, EventsBecomeTheirSignalOrEventAppended) {
 TEST_F(DbusServerTest, RepliesAndSignalsWaitForDurabilityAndKeepTheirOrder) {
   subscribe(kManagerInterface.data(), "VmStateChanged");
   run_on_loop([&] { fake_.holding = true; });
-  std::vector<std::string> arrived;
-  sd_bus_slot* raw = nullptr;
-  ASSERT_GE(sd_bus_call_method_async(
-                client_.get(), &raw, kBusName.data(), kManagerPath.data(), kManagerInterface.data(),
-                "ListVms",
-                [](sd_bus_message* m, void* ud, sd_bus_error*) -> int {
-                  static_cast<std::vector<std::string>*>(ud)->push_back(
-                      sd_bus_message_is_method_error(m, nullptr) ? "error" : "reply");
-                  return 0;
-                },
-                &arrived, "s", ""),
-            0);
-  SlotPtr pending(raw);
-  // Once the call was handled (its reply held), a signal is held too, behind it.
-  size_t held = 0;
-  for (int i = 0; i < 500 && held == 0; ++i) {
-    sd_bus_flush(client_.get());
-    run_on_loop([&] { held = fake_.held.size(); });
-    if (held == 0) std::this_thread::sleep_for(std::chrono::milliseconds(2));
-  }
-  ASSERT_EQ(held, 1u);
+  SlotPtr list = call_async("ListVms", "s", "");
+  ASSERT_EQ(wait_held(1), 1u);  // the call was handled, its reply held
   run_on_loop([&] {
     fake_.observer()->on_event({9, 2, "VmStateChanged", kVmId,
                                 R"({"name":"web-1","state":"running","reason":"started"})"});
   });
-  const auto pump = [&](std::chrono::milliseconds d) {
-    const auto until = std::chrono::steady_clock::now() + d;
-    while (std::chrono::steady_clock::now() < until) {
-      for (auto& m : signals_) {
-        if (m) arrived.emplace_back("signal");
-        m.reset();
-      }
-      if (sd_bus_process(client_.get(), nullptr) > 0) continue;
-      sd_bus_wait(client_.get(), 10'000);
-    }
-  };
-  pump(std::chrono::milliseconds(200));
-  EXPECT_TRUE(arrived.empty()) << arrived.front();
-  run_on_loop([&] { held = fake_.held.size(); });
-  EXPECT_EQ(held, 2u);
+  ASSERT_EQ(wait_held(2), 2u);
+  pump_arrivals(2, std::chrono::milliseconds(200));
+  EXPECT_TRUE(arrived_.empty()) << arrived_.front();
 
   run_on_loop([&] { fake_.release_all(); });
-  const auto until = std::chrono::steady_clock::now() + kTimeout;
-  while (arrived.size() < 2 && std::chrono::steady_clock::now() < until) {
-    pump(std::chrono::milliseconds(20));
-  }
-  EXPECT_EQ(arrived, (std::vector<std::string>{"reply", "signal"}));
+  pump_arrivals(2, kTimeout);
+  EXPECT_EQ(arrived_, (std::vector<std::string>{"reply", "signal"}));
 }
 
 // Inside a call: the signal the call causes is held behind its reply, and an error reply is held
@@ -1393,55 +1401,20 @@ TEST_F(DbusServerTest, SignalsFromInsideACallAndErrorRepliesAreHeldInOrder) {
                                   R"({"name":"web-1","state":"creating","reason":"requested"})"});
     };
   });
-  std::vector<std::string> arrived;
-  const auto on_reply = [](sd_bus_message* m, void* ud, sd_bus_error*) -> int {
-    static_cast<std::vector<std::string>*>(ud)->push_back(
-        sd_bus_message_is_method_error(m, nullptr) ? "error" : "reply");
-    return 0;
-  };
-  const auto wait_held = [&](size_t n) {
-    size_t held = 0;
-    for (int i = 0; i < 500 && held < n; ++i) {
-      sd_bus_flush(client_.get());
-      run_on_loop([&] { held = fake_.held.size(); });
-      if (held < n) std::this_thread::sleep_for(std::chrono::milliseconds(2));
-    }
-    return held;
-  };
-  sd_bus_slot* raw = nullptr;
-  ASSERT_GE(sd_bus_call_method_async(client_.get(), &raw, kBusName.data(), kManagerPath.data(),
-                                     kManagerInterface.data(), "CreateVm", on_reply, &arrived, "ss",
-                                     "{}", ""),
-            0);
-  SlotPtr create(raw);
+  SlotPtr create = call_async("CreateVm", "ss", "{}", "");
   ASSERT_EQ(wait_held(2), 2u);  // the reply, then the signal deferred behind it
   fake_.fail_next(Status(Code::kNotFound, "no vm 'nope'"));
-  ASSERT_GE(sd_bus_call_method_async(client_.get(), &raw, kBusName.data(), kManagerPath.data(),
-                                     kManagerInterface.data(), "StartVm", on_reply, &arrived, "ss",
-                                     "nope", ""),
-            0);
-  SlotPtr start(raw);
+  SlotPtr start = call_async("StartVm", "ss", "nope", "");
   ASSERT_EQ(wait_held(3), 3u);
+  pump_arrivals(3, std::chrono::milliseconds(100));
+  EXPECT_TRUE(arrived_.empty()) << arrived_.front();
 
-  const auto pump = [&](std::chrono::milliseconds d) {
-    const auto until = std::chrono::steady_clock::now() + d;
-    while (std::chrono::steady_clock::now() < until && arrived.size() < 3) {
-      for (auto& m : signals_) {
-        if (m) arrived.emplace_back("signal");
-        m.reset();
-      }
-      if (sd_bus_process(client_.get(), nullptr) > 0) continue;
-      sd_bus_wait(client_.get(), 10'000);
-    }
-  };
-  pump(std::chrono::milliseconds(100));
-  EXPECT_TRUE(arrived.empty()) << arrived.front();
   run_on_loop([&] {
     fake_.on_create = nullptr;
     fake_.release_all();
   });
-  pump(kTimeout);
-  EXPECT_EQ(arrived, (std::vector<std::string>{"reply", "signal", "error"}));
+  pump_arrivals(3, kTimeout);
+  EXPECT_EQ(arrived_, (std::vector<std::string>{"reply", "signal", "error"}));
 }
 
 TEST_F(DbusServerTest, ManagerPropertiesReadFromTheService) {

@@ -220,6 +220,30 @@ class SqliteStateStoreTest : public ::testing::Test {
 
   void fill_the_disk(bool deferred_sync);
 
+  static SqliteOptions deferred() {
+    SqliteOptions options;
+    options.deferred_sync = true;
+    return options;
+  }
+
+  // A child process opens the store with group commit, writes VM web-1 and dies: no sync, no
+  // close.
+  void write_web1_and_die() {
+    const pid_t child = ::fork();
+    ASSERT_GE(child, 0);
+    if (child == 0) {
+      auto store = open_sqlite_state_store(path_, deferred(), kNow);
+      if (!store.is_ok()) ::_exit(2);
+      const Status s =
+          (*store)->transact([](StateTxn& txn) { return txn.put_vm(vm_named("web-1", kId1)); });
+      ::_exit(s.is_ok() ? 0 : 3);
+    }
+    int status = 0;
+    ASSERT_EQ(::waitpid(child, &status, 0), child);
+    ASSERT_TRUE(WIFEXITED(status));
+    ASSERT_EQ(WEXITSTATUS(status), 0);
+  }
+
   Status put(const VmRecord& vm) {
     return store_->transact([&](StateTxn& txn) { return txn.put_vm(vm); });
   }
@@ -600,9 +624,7 @@ TEST_F(SqliteStateStoreTest, DeferredSyncCountsWritesUntilASyncCoversThem) {
   ASSERT_TRUE(put(vm_named("web-1", kId1)).is_ok());
   EXPECT_EQ(store_->durable_seq(), store_->written_seq());  // synchronous=FULL: at once
 
-  SqliteOptions deferred;
-  deferred.deferred_sync = true;
-  open(deferred);
+  open(deferred());
   const uint64_t start = store_->written_seq();
   EXPECT_EQ(store_->durable_seq(), start);  // open() leaves nothing unsynced
   ASSERT_TRUE(put(vm_named("db-1", kId2)).is_ok());
@@ -622,21 +644,7 @@ TEST_F(SqliteStateStoreTest, DeferredSyncCountsWritesUntilASyncCoversThem) {
 
 // Written but not synced is in the WAL file already: a process that dies keeps it.
 TEST_F(SqliteStateStoreTest, DeferredWritesSurviveAProcessThatDiesBeforeSyncing) {
-  const pid_t child = ::fork();
-  ASSERT_GE(child, 0);
-  if (child == 0) {
-    SqliteOptions deferred;
-    deferred.deferred_sync = true;
-    auto store = open_sqlite_state_store(path_, deferred, kNow);
-    if (!store.is_ok()) ::_exit(2);
-    const Status s =
-        (*store)->transact([](StateTxn& txn) { return txn.put_vm(vm_named("web-1", kId1)); });
-    ::_exit(s.is_ok() ? 0 : 3);  // no sync, no close
-  }
-  int status = 0;
-  ASSERT_EQ(::waitpid(child, &status, 0), child);
-  ASSERT_TRUE(WIFEXITED(status));
-  ASSERT_EQ(WEXITSTATUS(status), 0);
+  ASSERT_NO_FATAL_FAILURE(write_web1_and_die());
   open();
   auto got = store_->get_vm(VmId::trusted(kId1));
   ASSERT_TRUE(got.is_ok()) << got.status().to_string();
@@ -646,9 +654,7 @@ TEST_F(SqliteStateStoreTest, DeferredWritesSurviveAProcessThatDiesBeforeSyncing)
 // Group commit keeps SQLite's automatic checkpoints (which sync what they copy): the WAL does not
 // grow without bound.
 TEST_F(SqliteStateStoreTest, DeferredSyncCheckpointsSoTheWalStaysBounded) {
-  SqliteOptions deferred;
-  deferred.deferred_sync = true;
-  open(deferred);
+  open(deferred());
   for (int i = 0; i < 3000; ++i) {
     // Distinct bytes each time: SQLite writes nothing for a row updated to what it holds.
     const std::string value = std::to_string(i) + std::string(3000, 'v');
@@ -675,9 +681,7 @@ TEST_F(SqliteStateStoreTest, DeferredCommitsDoNotSyncAndOneSyncCoversThemAll) {
   ASSERT_TRUE(put(vm_named("web-1", kId1)).is_ok());
   EXPECT_NE(vfs_probe::wal_ops.find('S'), std::string::npos) << vfs_probe::wal_ops;
 
-  SqliteOptions deferred;
-  deferred.deferred_sync = true;
-  open(deferred);
+  open(deferred());
   // The first commit starts a new WAL (the last close checkpointed and removed it) and syncs its
   // header: that is the reused-header rule below, not a commit's sync.
   ASSERT_TRUE(put(vm_named("db-1", kId2)).is_ok());
@@ -703,9 +707,7 @@ TEST_F(SqliteStateStoreTest, DeferredCommitsDoNotSyncAndOneSyncCoversThemAll) {
 // with a mix of frames that recovery would replay over checkpointed data.
 TEST_F(SqliteStateStoreTest, AReusedWalHasItsHeaderSyncedBeforeNewFrames) {
   probe();
-  SqliteOptions deferred;
-  deferred.deferred_sync = true;
-  open(deferred);
+  open(deferred());
   vfs_probe::wal_ops.clear();
   for (int i = 0; i < 2500; ++i) {
     const std::string value = std::to_string(i) + std::string(3000, 'v');
@@ -728,24 +730,9 @@ TEST_F(SqliteStateStoreTest, AReusedWalHasItsHeaderSyncedBeforeNewFrames) {
 
 // open() makes durable what a process that died before syncing left in the WAL.
 TEST_F(SqliteStateStoreTest, OpenSyncsWhatADeadProcessLeftInTheWal) {
-  const pid_t child = ::fork();
-  ASSERT_GE(child, 0);
-  if (child == 0) {
-    SqliteOptions deferred;
-    deferred.deferred_sync = true;
-    auto store = open_sqlite_state_store(path_, deferred, kNow);
-    if (!store.is_ok()) ::_exit(2);
-    const Status s =
-        (*store)->transact([](StateTxn& txn) { return txn.put_vm(vm_named("web-1", kId1)); });
-    ::_exit(s.is_ok() ? 0 : 3);
-  }
-  int status = 0;
-  ASSERT_EQ(::waitpid(child, &status, 0), child);
-  ASSERT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0);
+  ASSERT_NO_FATAL_FAILURE(write_web1_and_die());
   probe();
-  SqliteOptions deferred;
-  deferred.deferred_sync = true;
-  open(deferred);
+  open(deferred());
   EXPECT_NE(vfs_probe::wal_ops.find('S'), std::string::npos) << vfs_probe::wal_ops;
   EXPECT_EQ(store_->durable_seq(), store_->written_seq());
   EXPECT_TRUE(store_->get_vm(VmId::trusted(kId1))->has_value());
@@ -755,9 +742,7 @@ TEST_F(SqliteStateStoreTest, OpenSyncsWhatADeadProcessLeftInTheWal) {
 // does not checkpoint and drop the WAL when closed.
 TEST_F(SqliteStateStoreTest, AFailedSyncIsRememberedAndTheWalIsKept) {
   probe();
-  SqliteOptions deferred;
-  deferred.deferred_sync = true;
-  open(deferred);
+  open(deferred());
   ASSERT_TRUE(put(vm_named("web-1", kId1)).is_ok());
   vfs_probe::fail_next_wal_sync = 1;
   const Status first = store_->sync();
