@@ -4,6 +4,7 @@
 #pragma once
 
 #include <algorithm>
+#include <atomic>
 #include <map>
 #include <mutex>
 #include <optional>
@@ -37,7 +38,10 @@ class FakeLinks final : public network::Links {
   }
   Status ensure_vxlan(const network::VxlanConfig& c) override {
     std::lock_guard lock(mu);
-    if (fail_names.count(c.name)) return Status(Code::kUnavailable, "netlink: injected failure");
+    if (fail_names.count(c.name)) {
+      ++injected_failures;
+      return Status(Code::kUnavailable, "netlink: injected failure");
+    }
     NM_RETURN_IF_ERROR(check(c.name, "vxlan"));
     auto& l = links[c.name];
     if (l.info.name.empty() || l.vni != c.vni.value() || l.info.master != c.bridge) ++mutations;
@@ -122,7 +126,8 @@ class FakeLinks final : public network::Links {
   std::set<std::string> netns;
   int mutations = 0;
   bool fail_list = false;
-  std::set<std::string> fail_names;  // ensure_vxlan() of these names fails
+  std::set<std::string> fail_names;       // ensure_vxlan() of these names fails
+  std::atomic<int> injected_failures{0};  // how many times it did
 
  private:
   Status check(const std::string& name, const std::string& kind) const {

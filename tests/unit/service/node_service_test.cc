@@ -1404,12 +1404,14 @@ TEST_F(NodeServiceNetworks, AFailedNetworkTurnsReadyOnceTheAuditBuildsItAndIsRep
              e.payload_json.find("\"failed\":true") != std::string::npos;
     });
   };
-  // Many audits while it keeps failing: one failure event, not one per audit.
-  int audits = 0;
+  // Many audits while it keeps failing: one failure event, not one per audit. Counted by the
+  // attempts that reached the (failing) link, not by loop turns, which say nothing about audits.
+  const int attempts = links_.injected_failures.load();
   ASSERT_TRUE(loop_.run_until([&] {
     service_->audit();  // a no-op while the previous one is in flight
-    return ++audits >= 30;
+    return links_.injected_failures.load() >= attempts + 10;
   }));
+  ASSERT_TRUE(loop_.run_until([&] { return service_->active_jobs() == 0 && failures() >= 1; }));
   EXPECT_EQ(failures(), 1);
   EXPECT_EQ(service_->get_network("blue")->state, "failed");
 
