@@ -385,13 +385,20 @@ class Bench {
   }
 
  private:
-  Status measure_floor(Report& report) {
-    Samples floor;
-    for (int i = 0; i < 100 + opts_.floor_iterations; ++i) {
+  // `call` back to back: `warmup` times untimed, then `n` times, each call one sample.
+  static Result<Samples> back_to_back(int warmup, int n, const std::function<Status()>& call) {
+    Samples out;
+    for (int i = 0; i < warmup + n; ++i) {
       const auto t0 = Clock::now();
-      NM_RETURN_IF_ERROR(ping_floor(bus_));
-      if (i >= 100) floor.add(Clock::now() - t0);
+      NM_RETURN_IF_ERROR(call());
+      if (i >= warmup) out.add(Clock::now() - t0);
     }
+    return out;
+  }
+
+  Status measure_floor(Report& report) {
+    NM_ASSIGN_OR_RETURN(
+        Samples floor, back_to_back(100, opts_.floor_iterations, [&] { return ping_floor(bus_); }));
     report.add("floor Ping (alone)", floor);
     return Status::ok();
   }
@@ -536,23 +543,16 @@ class Bench {
     report.add("nodemanagerd ListVms", list_vms);
     report.add("libvirt-dbus ListDomains", list_domains);
 
-    Samples list_vms_alone, list_domains_alone;
-    for (int i = 0; i < opts_.warmup * 10 + opts_.list_iterations; ++i) {
-      const auto t0 = Clock::now();
-      NM_RETURN_IF_ERROR(nm_.list_vms().status());
-      if (i >= opts_.warmup * 10) list_vms_alone.add(Clock::now() - t0);
-    }
-    for (int i = 0; i < opts_.warmup * 10 + opts_.list_iterations; ++i) {
-      const auto t0 = Clock::now();
-      NM_RETURN_IF_ERROR(lv_.list_domains().status());
-      if (i >= opts_.warmup * 10) list_domains_alone.add(Clock::now() - t0);
-    }
-    Samples floor_list_alone;
-    for (int i = 0; i < opts_.warmup * 10 + opts_.list_iterations; ++i) {
-      const auto t0 = Clock::now();
-      NM_RETURN_IF_ERROR(list_floor(bus_, floor_prefix, opts_.list_vms).status());
-      if (i >= opts_.warmup * 10) floor_list_alone.add(Clock::now() - t0);
-    }
+    const int warm = opts_.warmup * 10;
+    NM_ASSIGN_OR_RETURN(Samples list_vms_alone, back_to_back(warm, opts_.list_iterations, [&] {
+                          return nm_.list_vms().status();
+                        }));
+    NM_ASSIGN_OR_RETURN(Samples list_domains_alone, back_to_back(warm, opts_.list_iterations, [&] {
+                          return lv_.list_domains().status();
+                        }));
+    NM_ASSIGN_OR_RETURN(Samples floor_list_alone, back_to_back(warm, opts_.list_iterations, [&] {
+                          return list_floor(bus_, floor_prefix, opts_.list_vms).status();
+                        }));
     report.add("floor List, same rows (alone)", floor_list_alone);
     report.add("nodemanagerd ListVms (alone)", list_vms_alone);
     report.add("libvirt-dbus ListDomains (alone)", list_domains_alone);
@@ -573,12 +573,7 @@ class Bench {
     const auto get_health = [&]() -> Status {
       return call(probe.get(), kNmService, kNmPath, kNmManager, "GetHealth", "").status();
     };
-    Samples idle;
-    for (int i = 0; i < 100 + opts_.floor_iterations; ++i) {
-      const auto t0 = Clock::now();
-      NM_RETURN_IF_ERROR(get_health());
-      if (i >= 100) idle.add(Clock::now() - t0);
-    }
+    NM_ASSIGN_OR_RETURN(Samples idle, back_to_back(100, opts_.floor_iterations, get_health));
     report.add("GetHealth (idle)", idle);
 
     static constexpr std::array<const char*, 4> kSteps{"CreateVm", "StartVm", "StopVm(force)",
