@@ -220,6 +220,25 @@ class SqliteStateStoreTest : public ::testing::Test {
 
   void fill_the_disk(bool deferred_sync);
 
+  // The value write_settings() gives its i-th write: about 3 KB, distinct each time (SQLite
+  // writes nothing for a row updated to what it holds).
+  static std::string setting_value(int i) { return std::to_string(i) + std::string(3000, 'v'); }
+
+  // `n` commits, each one row of settings key-0..key-49 in turn; a sync() after every
+  // `sync_every` of them (0: none).
+  void write_settings(int n, int sync_every) {
+    for (int i = 0; i < n; ++i) {
+      ASSERT_TRUE(store_
+                      ->transact([&](StateTxn& txn) {
+                        return txn.put_setting("key-" + std::to_string(i % 50), setting_value(i));
+                      })
+                      .is_ok());
+      if (sync_every > 0 && i % sync_every == sync_every - 1) {
+        ASSERT_TRUE(store_->sync().is_ok());
+      }
+    }
+  }
+
   static SqliteOptions deferred() {
     SqliteOptions options;
     options.deferred_sync = true;
@@ -655,23 +674,12 @@ TEST_F(SqliteStateStoreTest, DeferredWritesSurviveAProcessThatDiesBeforeSyncing)
 // grow without bound.
 TEST_F(SqliteStateStoreTest, DeferredSyncCheckpointsSoTheWalStaysBounded) {
   open(deferred());
-  for (int i = 0; i < 3000; ++i) {
-    // Distinct bytes each time: SQLite writes nothing for a row updated to what it holds.
-    const std::string value = std::to_string(i) + std::string(3000, 'v');
-    ASSERT_TRUE(store_
-                    ->transact([&](StateTxn& txn) {
-                      return txn.put_setting("key-" + std::to_string(i % 50), value);
-                    })
-                    .is_ok());
-    if (i % 10 == 9) {
-      ASSERT_TRUE(store_->sync().is_ok());
-    }
-  }
+  ASSERT_NO_FATAL_FAILURE(write_settings(3000, 10));
   const auto wal = fs::file_size(path_ + "-wal");
   RecordProperty("wal_bytes", std::to_string(wal));
   EXPECT_LT(wal, uintmax_t{6} << 20);  // 3000 commits of a 3 KB row: over 12 MiB unchecked
   open();
-  EXPECT_EQ(store_->get_setting("key-49")->value_or(""), "2999" + std::string(3000, 'v'));
+  EXPECT_EQ(store_->get_setting("key-49")->value_or(""), setting_value(2999));
 }
 
 TEST_F(SqliteStateStoreTest, DeferredCommitsDoNotSyncAndOneSyncCoversThemAll) {
@@ -709,14 +717,7 @@ TEST_F(SqliteStateStoreTest, AReusedWalHasItsHeaderSyncedBeforeNewFrames) {
   probe();
   open(deferred());
   vfs_probe::wal_ops.clear();
-  for (int i = 0; i < 2500; ++i) {
-    const std::string value = std::to_string(i) + std::string(3000, 'v');
-    ASSERT_TRUE(store_
-                    ->transact([&](StateTxn& txn) {
-                      return txn.put_setting("key-" + std::to_string(i % 50), value);
-                    })
-                    .is_ok());
-  }
+  ASSERT_NO_FATAL_FAILURE(write_settings(2500, 0));
   const std::string& ops = vfs_probe::wal_ops;
   size_t restarts = 0;
   for (size_t at = ops.find('H'); at != std::string::npos; at = ops.find('H', at + 1)) {
