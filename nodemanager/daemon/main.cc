@@ -178,8 +178,11 @@ int run(const nm::DaemonConfig& cfg) {
   so.tenant_quotas = cfg.tenant_quotas;
   // What was written may not be on disk and nothing of it may be reported done: start over from
   // the database (systemd restarts the daemon).
-  so.on_sync_failure = [&ev, log](const nm::Status& s) {
+  const auto sync_failed = [log](const nm::Status& s) {
     log->critical("the state database cannot be made durable ({}); exiting", s.message());
+  };
+  so.on_sync_failure = [&ev, sync_failed](const nm::Status& s) {
+    sync_failed(s);
     ev.exit(EXIT_FAILURE);
   };
   so.crash_policy = {.max_restarts = cfg.crash_restart_max,
@@ -317,7 +320,7 @@ int run(const nm::DaemonConfig& cfg) {
   // Replies and signals still waiting for a sync go out while the bus is still there.
   if (ran.is_ok() && exit_code == 0) {
     if (const nm::Status s = service->release_held(); !s.is_ok()) {
-      log->critical("the state database cannot be made durable ({}); exiting", s.message());
+      sync_failed(s);
       exit_code = EXIT_FAILURE;
     }
   }
