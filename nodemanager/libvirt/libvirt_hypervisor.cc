@@ -770,9 +770,24 @@ Result<std::unique_ptr<LibvirtHypervisor>> LibvirtHypervisor::create(
     hv->watch_thread_ = std::thread([raw = hv.get()] { raw->run_watch_thread(); });
   }
 
-  NM_ASSIGN_OR_RETURN(auto conn, hv->connection());
+  auto conn = hv->connection();
+  if (!conn.is_ok()) {
+    if (conn.status().code() != Code::kUnavailable) return conn.status();
+    // libvirtd may come later (boot order, a restart in progress): start disconnected and let
+    // the reconnect thread connect. Its first connection is announced like a reconnect. The
+    // overlay pool is ensured by the first overlay call on it, as after any reconnect.
+    hv->start_error_ = conn.status().message();
+    {
+      const std::lock_guard lock(hv->liveness_->mu);
+      hv->liveness_->ever_up = true;
+    }
+    hv->reconnect_thread_ = std::thread([raw = hv.get()] { raw->run_reconnect_thread(); });
+    lv_log()->error("{}; running without libvirt, reconnecting in the background",
+                    hv->start_error_);
+    return hv;
+  }
   hv->reconnect_thread_ = std::thread([raw = hv.get()] { raw->run_reconnect_thread(); });
-  NM_ASSIGN_OR_RETURN(PoolPtr pool, ensure_pool(conn->get(), hv->options_, hv->pool_mu_));
+  NM_ASSIGN_OR_RETURN(PoolPtr pool, ensure_pool((*conn)->get(), hv->options_, hv->pool_mu_));
   if (hv->sink_->watches.enabled()) {
     auto listed = hv->list_domains();  // arms the watch of every running domain of ours
     if (!listed.is_ok()) {

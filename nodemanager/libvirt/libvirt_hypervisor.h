@@ -26,6 +26,12 @@
 // are not replayed: the reconciler's audit after the reconnect is what converges state. The
 // in-process test driver never closes: connected() is always true there.
 //
+// Late libvirtd: when libvirt cannot be reached at all in create() (Unavailable: libvirtd not
+// started yet at boot, or restarting), the adapter is created disconnected (start_error() says
+// why) and its reconnect thread connects as above; that first connection is announced to the
+// connection handler like a reconnect (true), so the caller learns when to run what it could not
+// do without libvirt.
+//
 // Connection handler: runs on the adapter's reconnect thread (one per adapter), never on a caller
 // thread and never twice at once, in the order the transitions happened: false once per lost
 // connection, then true once per reconnect. connected() changes before the matching handler call
@@ -132,10 +138,14 @@ class LibvirtHypervisor final : public Hypervisor {
   // Registers libvirt's event implementation (once per process), starts the event thread,
   // connects to `options.uri`, registers the lifecycle-event and close callbacks, makes sure the
   // overlay pool exists and is active (and refreshes it) and starts the reconnect thread. The
-  // adapter starts connected (no handler call for that). InvalidArgument for bad options,
-  // Unavailable when libvirt cannot be reached, Conflict when the pool exists with another
-  // target, Internal otherwise.
+  // adapter starts connected (no handler call for that), or, when libvirt cannot be reached
+  // (Unavailable), disconnected with start_error() set (see "Late libvirtd" above).
+  // InvalidArgument for bad options, Conflict when the pool exists with another target, Internal
+  // otherwise.
   static Result<std::unique_ptr<LibvirtHypervisor>> create(const LibvirtOptions& options);
+
+  // Why create() could not connect; empty when it did.
+  const std::string& start_error() const { return start_error_; }
 
   // Stops and joins the watch thread and the reconnect thread (waiting for a reconnect attempt,
   // domain lookup or handler call in progress), deregisters the callbacks, closes the connection,
@@ -210,6 +220,7 @@ class LibvirtHypervisor final : public Hypervisor {
   void stop_event_thread();
 
   const LibvirtOptions options_;
+  std::string start_error_;  // set in create() only
 
   // Connection state shared with the close callback and (for watch requests) the lifecycle
   // callback; never held across a libvirt call.

@@ -676,14 +676,27 @@ TEST(LibvirtHypervisorCreate, RejectsBadOptions) {
   EXPECT_EQ(LibvirtHypervisor::create(o).status().code(), Code::kInvalidArgument);
 }
 
-TEST(LibvirtHypervisorCreate, UnreachableHypervisorIsUnavailable) {
+// libvirt not reachable at all: the adapter starts disconnected, says why, answers every call
+// with Unavailable and keeps trying in the background (the destructor stops that).
+TEST(LibvirtHypervisorCreate, UnreachableHypervisorStartsDisconnectedAndSaysWhy) {
   LibvirtOptions o;
   o.uri = "test:///nonexistent/driver-config.xml";
   o.pool_dir = "/tmp/x";
+  o.reconnect_max_backoff = milliseconds(50);
   auto hv = LibvirtHypervisor::create(o);
-  ASSERT_FALSE(hv.is_ok());
-  EXPECT_EQ(hv.status().code(), Code::kUnavailable) << hv.status().to_string();
-  EXPECT_NE(hv.status().message().find("test:///nonexistent"), std::string::npos);
+  ASSERT_TRUE(hv.is_ok()) << hv.status().to_string();
+  EXPECT_FALSE((*hv)->connected());
+  EXPECT_NE((*hv)->start_error().find("test:///nonexistent"), std::string::npos)
+      << (*hv)->start_error();
+  ConnectionLog calls;
+  (*hv)->set_connection_handler(calls.handler(**hv));
+  auto listed = (*hv)->list_domains();
+  ASSERT_FALSE(listed.is_ok());
+  EXPECT_EQ(listed.status().code(), Code::kUnavailable) << listed.status().to_string();
+  EXPECT_EQ((*hv)->host_info().status().code(), Code::kUnavailable);
+  std::this_thread::sleep_for(milliseconds(200));  // a few background attempts, all failing
+  EXPECT_EQ(calls.count(), 0u) << "no transition: it never was connected";
+  EXPECT_FALSE((*hv)->connected());
 }
 
 // --- Real libvirtd (opt-in) ---
@@ -892,6 +905,53 @@ TEST(LibvirtHypervisorReal, ReconnectsAfterLibvirtdDropsTheConnection) {
     EXPECT_TRUE((*hv)->undefine_domain(id).is_ok());
     auto found = (*hv)->find_overlay(id);
     EXPECT_TRUE(found.is_ok()) << found.status().to_string();
+  }
+}
+
+// libvirtd appears after the adapter was created (nodemanagerd started first at boot): the
+// reconnect thread connects, the handler hears about it like a reconnect, and the calls work,
+// the overlay pool included. The socket the URI names is a symlink the test makes to the real
+// libvirtd's socket, so the shared libvirtd is never stopped.
+TEST(LibvirtHypervisorReal, ConnectsWhenLibvirtdAppearsAfterStartUp) {
+  const char* uri = std::getenv("NM_E2E_LIBVIRT_URI");
+  if (uri == nullptr || *uri == '\0') GTEST_SKIP() << "set NM_E2E_LIBVIRT_URI (qemu:///system)";
+  const fs::path real_socket = "/run/libvirt/libvirt-sock";
+  if (!fs::exists(real_socket)) GTEST_SKIP() << real_socket << " does not exist";
+
+  const TempDir tmp;
+  const fs::path socket = tmp.path() / "libvirt-sock";
+  LibvirtOptions o;
+  o.uri = "qemu+unix:///system?socket=" + socket.string();
+  o.pool_name = "nm-test-" + std::to_string(getpid());
+  o.pool_dir = (tmp.path() / "instances").string();
+  o.reconnect_max_backoff = milliseconds(200);
+  PoolRemover remover{uri, o.pool_name};
+  {
+    auto hv = LibvirtHypervisor::create(o);
+    ASSERT_TRUE(hv.is_ok()) << hv.status().to_string();
+    LibvirtHypervisor& adapter = **hv;
+    ConnectionLog calls;
+    adapter.set_connection_handler(calls.handler(adapter));
+    EXPECT_FALSE(adapter.connected());
+    EXPECT_NE(adapter.start_error().find(socket.string()), std::string::npos)
+        << adapter.start_error();
+    EXPECT_EQ(adapter.list_domains().status().code(), Code::kUnavailable);
+
+    fs::create_symlink(real_socket, socket);  // "libvirtd has started"
+    auto up = calls.wait_for_call(0, seconds(5));
+    ASSERT_TRUE(up.has_value()) << "not connected within 5 s of the socket appearing";
+    EXPECT_TRUE(up->connected);
+    EXPECT_TRUE(up->connected_then);
+    EXPECT_TRUE(adapter.connected());
+    auto listed = adapter.list_domains();
+    ASSERT_TRUE(listed.is_ok()) << listed.status().to_string();
+    auto host = adapter.host_info();
+    ASSERT_TRUE(host.is_ok()) << host.status().to_string();
+    EXPECT_GT(host->cpus, 0u);
+    auto overlays = adapter.list_overlays();  // ensures the pool on this first connection
+    ASSERT_TRUE(overlays.is_ok()) << overlays.status().to_string();
+    EXPECT_TRUE(overlays->empty());
+    EXPECT_EQ(adapter.default_domain_type(), "kvm");
   }
 }
 
