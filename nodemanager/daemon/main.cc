@@ -202,21 +202,25 @@ int run(const nm::DaemonConfig& cfg) {
   // reconnects by itself; after a reconnect the audit catches up on what the events missed.
   const std::string uri = cfg.libvirt_uri;
   (*hypervisor)
-      ->set_connection_handler([&ev, svc = service.get(), uri](bool connected,
-                                                               const std::string& reason) {
-        ev.post([svc, connected, reason, uri] {
-          if (connected) {
-            svc->set_host_check("libvirt", nm::HealthState::kOk, "reconnected to '" + uri + "'");
-            svc->audit();
-          } else {
-            svc->set_host_check("libvirt", nm::HealthState::kFailed,
-                                "connection to '" + uri + "' lost: " + reason);
-          }
-        });
-      });
+      ->set_connection_handler(
+          [&ev, svc = service.get(), uri](bool connected, const std::string& reason) {
+            ev.post([svc, connected, reason, uri] {
+              if (connected) {
+                svc->set_host_check("libvirt", nm::HealthState::kOk, "connected to '" + uri + "'");
+                svc->audit();
+              } else {
+                svc->set_host_check("libvirt", nm::HealthState::kFailed,
+                                    "connection to '" + uri + "' lost: " + reason);
+              }
+            });
+          });
   // After the handler is in place, so that a loss in between is not missed either way.
   if ((*hypervisor)->connected()) {
     service->set_host_check("libvirt", nm::HealthState::kOk, "connected to '" + uri + "'");
+  } else if (!(*hypervisor)->start_error().empty()) {
+    // libvirtd is not there (yet): serve, report it, reconcile once it answers.
+    service->set_host_check("libvirt", nm::HealthState::kFailed,
+                            (*hypervisor)->start_error() + "; reconnecting");
   } else {
     service->set_host_check("libvirt", nm::HealthState::kFailed,
                             "connection to '" + uri + "' lost during start-up; reconnecting");
@@ -269,8 +273,6 @@ int run(const nm::DaemonConfig& cfg) {
   auto server = nm::DbusServer::create(ev, cfg.bus, *service, *policy);
   if (!server.is_ok()) return fail(log, "connecting to the bus", server.status());
 
-  log->info("domain type '{}'",
-            cfg.domain_type.empty() ? (*hypervisor)->default_domain_type() : cfg.domain_type);
   notify_status("reconciling");
   if (auto s = service->start(); !s.is_ok()) return fail(log, "start-up reconcile", s);
   if (auto s = (*server)->request_name(); !s.is_ok()) {
@@ -310,7 +312,8 @@ int run(const nm::DaemonConfig& cfg) {
   }
 
   const auto vms = service->list_vms("");
-  const std::string ready = "serving " + std::to_string(vms.size()) + " VMs";
+  std::string ready = "serving " + std::to_string(vms.size()) + " VMs";
+  if (!(*hypervisor)->connected()) ready += "; libvirt not connected (see nodectl node health)";
   sd_notifyf(0, "READY=1\nSTATUS=%s", ready.c_str());
   log->info("ready: {}", ready);
 

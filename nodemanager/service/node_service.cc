@@ -191,6 +191,14 @@ struct Job {
   PowerIntent prev_power = PowerIntent::kStopped;  // the desired power before that request
 };
 
+// What the start-up reconcile reads from the hypervisor; `host` only when the configuration
+// leaves the host's CPUs or memory to libvirt.
+struct HypervisorState {
+  std::vector<DomainInfo> domains;
+  std::vector<VmId> overlays;
+  std::optional<HostInfo> host;
+};
+
 class NodeServiceImpl final : public NodeService {
  public:
   NodeServiceImpl(ServiceDeps deps, ServiceOptions options)
@@ -212,8 +220,6 @@ class NodeServiceImpl final : public NodeService {
   void set_observer(ServiceObserver* observer) override { observer_ = observer; }
 
   Status start() override {
-    domain_type_ =
-        opt_.domain_type.empty() ? d_.hypervisor.default_domain_type() : opt_.domain_type;
     NM_ASSIGN_OR_RETURN(auto records, d_.store.list_vms());
     NM_ASSIGN_OR_RETURN(last_seq_, d_.store.last_event_seq());
     durable_last_seq_ = last_seq_;  // the store is durable when opened
@@ -228,10 +234,6 @@ class NodeServiceImpl final : public NodeService {
         if (*alive) on_domain_event(ev);
       });
     });
-    NM_ASSIGN_OR_RETURN(auto domains, d_.hypervisor.list_domains());
-    NM_ASSIGN_OR_RETURN(auto overlays, d_.hypervisor.list_overlays());
-    log_->info("start-up reconcile: {} VMs in the database, {} domains on the hypervisor",
-               vms_.size(), domains.size());
     NM_ASSIGN_OR_RETURN(auto networks, d_.store.list_networks());
     for (auto& n : networks) networks_.emplace(n.spec.name.str(), std::move(n));
     NM_ASSIGN_OR_RETURN(auto ports, d_.store.list_ports());
@@ -250,25 +252,69 @@ class NodeServiceImpl final : public NodeService {
       interrupted_[key].push_back(std::move(j));
     }
     NM_RETURN_IF_ERROR(load_health());
-    if (opt_.host_vcpus == 0 || opt_.host_memory_mib == 0) {
-      NM_ASSIGN_OR_RETURN(const HostInfo host, d_.hypervisor.host_info());
-      if (opt_.host_vcpus == 0) opt_.host_vcpus = host.cpus;
-      if (opt_.host_memory_mib == 0) opt_.host_memory_mib = host.memory_bytes >> 20;
+    start_networks();
+    const Result<HypervisorState> hv = read_hypervisor(host_from_hypervisor());
+    if (!hv.is_ok()) {
+      if (hv.status().code() != Code::kUnavailable) return hv.status();
+      // libvirtd is not there yet (boot order, a restart): serve what the database knows, refuse
+      // VM changes, and reconcile once the first audit after the connection reaches libvirt.
+      startup_reconcile_pending_ = true;
+      log_->warn("start-up reconcile postponed until libvirt answers: {}", hv.status().message());
+      return Status::ok();
+    }
+    finish_start(*hv, epoch_counter_);
+    return Status::ok();
+  }
+
+  // On a worker (or in start(), before the loop runs): the hypervisor's side of the start-up
+  // reconcile. Unavailable while libvirt cannot be reached.
+  Result<HypervisorState> read_hypervisor(bool with_host) {
+    HypervisorState st;
+    NM_ASSIGN_OR_RETURN(st.domains, d_.hypervisor.list_domains());
+    NM_ASSIGN_OR_RETURN(st.overlays, d_.hypervisor.list_overlays());
+    if (with_host) {
+      NM_ASSIGN_OR_RETURN(st.host, d_.hypervisor.host_info());
+    }
+    return st;
+  }
+
+  bool host_from_hypervisor() const { return opt_.host_vcpus == 0 || opt_.host_memory_mib == 0; }
+
+  // The start-up reconcile: VMs found down are restored (not counted as crashes), interrupted
+  // client jobs end. In start(), or at the first audit that reaches libvirt.
+  void finish_start(const HypervisorState& hv, uint64_t taken_at) {
+    domain_type_ =
+        opt_.domain_type.empty() ? d_.hypervisor.default_domain_type() : opt_.domain_type;
+    if (hv.host) {
+      if (opt_.host_vcpus == 0) opt_.host_vcpus = hv.host->cpus;
+      if (opt_.host_memory_mib == 0) opt_.host_memory_mib = hv.host->memory_bytes >> 20;
     }
     log_->info("capacity: {} CPUs, {} MiB memory (reserved {} CPUs, {} MiB; ratios {} / {} / {})",
                opt_.host_vcpus, opt_.host_memory_mib, opt_.capacity.reserved_vcpus,
                opt_.capacity.reserved_memory_mib, opt_.capacity.cpu_ratio,
                opt_.capacity.memory_ratio, opt_.capacity.disk_ratio);
-    start_networks();
+    log_->info(
+        "start-up reconcile: {} VMs in the database, {} domains on the hypervisor (domain "
+        "type '{}')",
+        vms_.size(), hv.domains.size(), domain_type_);
+    startup_reconcile_pending_ = false;
     starting_ = true;
-    reconcile_all(domains, overlays, epoch_counter_);
+    reconcile_all(hv.domains, hv.overlays, taken_at);
     starting_ = false;
     // VM checks live in memory; a VM the crash policy gave up on stays reported after a restart.
     for (const auto& [_, vm] : vms_) {
       if (vm.state == "failed") set_vm_health(vm, HealthState::kFailed, vm.state_reason);
     }
     end_interrupted_jobs();
-    return Status::ok();
+  }
+
+  // VM changes wait for the start-up reconcile, which needs libvirt: a job queued before it
+  // would run against state nobody has looked at yet.
+  Status require_startup_reconciled() const {
+    if (!startup_reconcile_pending_) return Status::ok();
+    return unavailable(
+        "libvirt has not answered since nodemanagerd started: VMs cannot be created or changed "
+        "until it does (GetHealth shows the libvirt check)");
   }
 
   // ---------------------------------------------------------------- VMs
@@ -285,6 +331,7 @@ class NodeServiceImpl final : public NodeService {
       return CreateVmReply{VmId::trusted(replayed->at("vm_id").get<std::string>()),
                            replayed->at("job_id").get<uint32_t>()};
     }
+    NM_RETURN_IF_ERROR(require_startup_reconciled());
     if (name_index_.count(spec.name.str())) {
       return already_exists("spec.name: a VM named '" + spec.name.str() +
                             "' already exists on this node");
@@ -391,6 +438,7 @@ class NodeServiceImpl final : public NodeService {
     const std::string fingerprint(ref);
     NM_ASSIGN_OR_RETURN(auto replayed, replay(rid, "DeleteVm", fingerprint));
     if (replayed) return replayed->at("job_id").get<uint32_t>();
+    NM_RETURN_IF_ERROR(require_startup_reconciled());
     NM_ASSIGN_OR_RETURN(VmRecord * vm, find_vm(ref));
     const ScopedLogFields fields({{log_field::kVmId, vm->id.str()},
                                   {log_field::kTenant, vm->spec.tenant.str()},
@@ -1028,6 +1076,7 @@ class NodeServiceImpl final : public NodeService {
 
   void on_domain_event(const DomainEvent& ev) override {
     log_->debug("domain event {} kind {} detail {}", ev.uuid, static_cast<int>(ev.kind), ev.detail);
+    if (startup_reconcile_pending_) return;  // the start-up reconcile reads every domain
     auto it = vms_.find(ev.uuid);
     if (it == vms_.end()) return;
     for (auto& [id, job] : jobs_) {
@@ -1058,23 +1107,31 @@ class NodeServiceImpl final : public NodeService {
 
   void audit() override {
     audit_networks();
-    if (audit_in_flight_) return;
+    if (audit_in_flight_) {
+      // It may have listed before what asked for this one (a reconnect): run once more after it.
+      audit_again_ = true;
+      return;
+    }
     audit_in_flight_ = true;
     const uint64_t taken_at = epoch_counter_;
-    d_.workers.submit([this, taken_at, alive = alive_] {
-      auto domains = d_.hypervisor.list_domains();
-      auto overlays = d_.hypervisor.list_overlays();
-      d_.loop.post(
-          [this, taken_at, alive, domains = std::move(domains), overlays = std::move(overlays)] {
-            if (!*alive) return;
-            audit_in_flight_ = false;
-            if (!domains.is_ok() || !overlays.is_ok()) {
-              log_->warn("audit: listing libvirt state failed: {}; retrying at the next audit",
-                         (!domains.is_ok() ? domains.status() : overlays.status()).to_string());
-              return;
-            }
-            reconcile_all(*domains, *overlays, taken_at);
+    const bool with_host = startup_reconcile_pending_ && host_from_hypervisor();
+    d_.workers.submit([this, taken_at, with_host, alive = alive_] {
+      auto hv = read_hypervisor(with_host);
+      d_.loop.post([this, taken_at, alive, hv = std::move(hv)] {
+        if (!*alive) return;
+        audit_in_flight_ = false;
+        if (std::exchange(audit_again_, false))
+          d_.loop.post([this, alive] {
+            if (*alive) audit();
           });
+        if (!hv.is_ok()) {
+          log_->warn("audit: listing libvirt state failed: {}; retrying at the next audit",
+                     hv.status().to_string());
+          return;
+        }
+        if (startup_reconcile_pending_) return finish_start(*hv, taken_at);
+        reconcile_all(hv->domains, hv->overlays, taken_at);
+      });
     });
   }
 
@@ -1687,6 +1744,7 @@ class NodeServiceImpl final : public NodeService {
     const std::string fingerprint = std::string(ref) + "\n" + variant;
     NM_ASSIGN_OR_RETURN(auto replayed, replay(rid, method, fingerprint));
     if (replayed) return replayed->at("job_id").get<uint32_t>();
+    NM_RETURN_IF_ERROR(require_startup_reconciled());
     NM_ASSIGN_OR_RETURN(VmRecord * vm, find_vm(ref));
     const ScopedLogFields fields({{log_field::kVmId, vm->id.str()},
                                   {log_field::kTenant, vm->spec.tenant.str()},
@@ -2849,6 +2907,7 @@ class NodeServiceImpl final : public NodeService {
   bool health_flush_posted_ = false;
   bool probe_in_flight_ = false;
   bool starting_ = false;  // start()'s reconcile: VMs found down are restored, not "crashed"
+  bool startup_reconcile_pending_ = false;  // libvirt was unreachable in start()
   mutable std::map<std::string, uint64_t> image_gib_;
   std::map<std::string, std::string> name_index_;  // name -> id
   std::map<uint32_t, std::unique_ptr<Job>> jobs_;
@@ -2856,6 +2915,7 @@ class NodeServiceImpl final : public NodeService {
   std::set<std::string> reported_orphans_;
   uint64_t last_seq_ = 0;
   bool audit_in_flight_ = false;
+  bool audit_again_ = false;                        // audit() was called while one was in flight
   std::optional<std::vector<PendingWrite>> batch_;  // open while a job completes
   // Group commit: functions waiting for the store to be durable up to `seq` (its written_seq()
   // when they were held), oldest first; one sync is scheduled while any wait.

@@ -253,14 +253,14 @@ class Node:
 
     # ---- daemon ----
 
-    def start_daemon(self, extra_args=(), ready_timeout=20.0):
+    def start_daemon(self, extra_args=(), ready_timeout=20.0, libvirt_uri="test:///default"):
         """Starts nodemanagerd and waits until `nodectl vm list` answers (or fails the deadline)."""
         assert self.daemon is None or self.daemon.poll() is not None, "daemon already running"
         self.starts += 1
         log_path = os.path.join(self.tmp, "nodemanagerd.%d.log" % self.starts)
         self.logs.append(log_path)
         self.daemon_args = [
-            self.daemon_bin, "--bus", self.address, "--libvirt-uri", "test:///default",
+            self.daemon_bin, "--bus", self.address, "--libvirt-uri", libvirt_uri,
             "--state-dir", self.state_dir, "--runtime-dir", self.run_dir,
             "--log-level", "debug"] + list(extra_args)
         self.log_file = open(log_path, "w")

@@ -100,6 +100,41 @@ class HealthTestCase(NodeTestCase):
         self.assertIn("node: ok", text)
         self.assertIn("CHECK", text)
 
+    def test_without_libvirt_at_start_up_the_node_serves_reports_it_and_catches_up(self):
+        """libvirt not reachable when the daemon starts (libvirtd comes later at boot): the bus
+        name is owned, the libvirt check is failed with the reason, the database's VMs are listed
+        and VM changes are refused as unavailable; once libvirt answers, the start-up reconcile
+        runs (the VM's missing domain is defined again) and VMs can be created."""
+        self.import_image()
+        self.create("web-1", "contoso")
+        self.assertEqual(self.node.stop_daemon(), 0)
+        # The test driver's host from a file: no file, no connection, as without libvirtd.
+        host = os.path.join(self.node.tmp, "libvirt-host.xml")
+        self.node.start_daemon(self.daemon_args, libvirt_uri="test://" + host)
+
+        h = self.health(expect=EXIT_FAILED)
+        self.assertEqual(h["state"], "failed", h)
+        libvirt = self.checks(h)["libvirt"]
+        self.assertEqual(libvirt["state"], "failed", h)
+        self.assertIn(host, libvirt["reason"])
+        self.assertEqual(set(self.vms()), {"web-1"})
+        refused = self.create("web-2", "contoso", wait=False, expect=EXIT_UNAVAILABLE)
+        self.assertIn("libvirt has not answered", refused.json["message"])
+        self.ctl("vm", "start", "web-1", expect=EXIT_UNAVAILABLE)
+        self.assertEqual(set(self.vms()), {"web-1"}, "a refused create leaves nothing")
+
+        with open(host, "w") as f:
+            f.write("<node/>\n")  # "libvirtd has started"
+        self.wait_until("the libvirt check to turn ok",
+                        lambda: self.checks(self.health(expect=None))["libvirt"]["state"] == "ok",
+                        timeout=10)
+        self.wait_until("the start-up reconcile to define web-1 again",
+                        lambda: "re-defining" in self.node.daemon_log(), timeout=10)
+        self.ctl("vm", "start", "web-1", "--wait")
+        self.assertEqual(self.show("web-1")["state"], "running")
+        self.create("web-2", "contoso")
+        self.assertEqual(self.health()["state"], "ok")
+
     def test_heartbeats_come_every_interval_with_a_capacity_summary(self):
         w = self.watch()
         beats = [w.next(lambda s: s["signal"] == "Heartbeat") for _ in range(6)]

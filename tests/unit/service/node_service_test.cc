@@ -633,6 +633,62 @@ TEST_F(NodeServiceTest, InterruptedJobsWithNothingLeftToDoEndAtStartUp) {
   EXPECT_EQ(removed_create, 1);
 }
 
+// libvirtd is not there when the daemon starts (boot order, a restart): the service starts on
+// what the database knows, refuses VM changes (a retried request still gets its first answer),
+// and the first audit that reaches libvirt runs the start-up reconcile it postponed.
+TEST_F(NodeServiceTest, WithoutLibvirtAtStartUpServesTheDatabaseAndReconcilesOnceItAnswers) {
+  const VmId a = create("a");
+  wait_done(*service_->start_vm("a", ""));
+  create("b");
+  options_.debug_job_delay = 10s;
+  open_service();
+  auto c = service_->create_vm(spec("c"), "req-c");  // interrupted: the daemon dies mid-job
+  ASSERT_TRUE(c.is_ok()) << c.status().to_string();
+  options_.debug_job_delay = 0ms;
+  service_->shutdown();
+  hv_.set_state_behind_our_back(a.str(), DomainState::kShutOff, DomainEventKind::kStopped,
+                                DomainCause::kOther);  // the host rebooted meanwhile
+  hv_.set_connected(false, "libvirtd is not running");
+  const int defines = hv_.calls("define_domain");
+
+  open_service();
+  EXPECT_EQ(service_->list_vms("").size(), 3u);
+  EXPECT_EQ(state(a), "running");  // what the database knew; nothing was looked at yet
+  auto refused = service_->create_vm(spec("d"), "");
+  ASSERT_FALSE(refused.is_ok());
+  EXPECT_EQ(refused.status().code(), Code::kUnavailable);
+  EXPECT_NE(refused.status().message().find("libvirt has not answered"), std::string::npos)
+      << refused.status().message();
+  EXPECT_EQ(service_->start_vm("b", "").status().code(), Code::kUnavailable);
+  EXPECT_EQ(service_->stop_vm("a", true, "").status().code(), Code::kUnavailable);
+  EXPECT_EQ(service_->delete_vm("b", "").status().code(), Code::kUnavailable);
+  auto retried = service_->create_vm(spec("c"), "req-c");
+  ASSERT_TRUE(retried.is_ok()) << retried.status().to_string();
+  EXPECT_EQ(retried->vm_id, c->vm_id);
+  EXPECT_EQ(retried->job_id, c->job_id);
+  service_->audit();  // still unreachable: nothing happens, the next audit retries
+  ASSERT_TRUE(settle());
+  std::this_thread::sleep_for(50ms);
+  loop_.run_until([] { return false; }, 100ms);
+  EXPECT_EQ(hv_.calls("define_domain"), defines);
+  EXPECT_FALSE(obs_.finished.count(c->job_id));
+
+  hv_.set_connected(true);
+  service_->audit();  // what nodemanagerd does when the connection comes up
+  ASSERT_TRUE(loop_.run_until([&] { return obs_.finished.count(c->job_id) > 0; }));
+  ASSERT_TRUE(settle());
+  EXPECT_EQ(obs_.finished[c->job_id].result, "done");
+  EXPECT_TRUE(hv_.domain(c->vm_id.str()).has_value());
+  EXPECT_EQ(state(c->vm_id), "stopped");
+  EXPECT_EQ(hv_.domain(a.str())->info.state, DomainState::kRunning);
+  EXPECT_EQ(state(a), "running");
+  EXPECT_TRUE(service_->health().checks.empty()) << "restored at start-up, not a crash";
+  EXPECT_TRUE(store_->unfinished_jobs()->empty());
+  auto d = service_->create_vm(spec("d"), "");
+  ASSERT_TRUE(d.is_ok()) << d.status().to_string();
+  wait_done(d->job_id);
+}
+
 TEST_F(NodeServiceTest, ImagesInUseCannotBeRemoved) {
   create("web-1");
   const Status s = service_->remove_image("base:1", "");
