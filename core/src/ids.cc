@@ -1,9 +1,11 @@
 #include "nm/core/ids.h"
 
 #include <fcntl.h>
+#include <sys/random.h>
 #include <unistd.h>
 
 #include <array>
+#include <cerrno>
 #include <cstdio>
 #include <random>
 
@@ -56,8 +58,16 @@ bool RequestIdTag::valid(std::string_view s) {
 
 VmId generate_vm_id() {
   std::array<unsigned char, 16> b{};
-  std::random_device rd;  // getrandom(2) on Linux/glibc
-  for (auto& x : b) x = static_cast<unsigned char>(rd());
+  // One getrandom(2) for all 16 bytes (std::random_device costs a setup and a call per byte).
+  // It blocks only until the kernel's pool is first initialized, long before a VM is created.
+  ssize_t got = -1;
+  do {
+    got = getrandom(b.data(), b.size(), 0);
+  } while (got < 0 && errno == EINTR);
+  if (got != static_cast<ssize_t>(b.size())) {
+    std::random_device rd;
+    for (auto& x : b) x = static_cast<unsigned char>(rd());
+  }
   b[6] = static_cast<unsigned char>((b[6] & 0x0f) | 0x40);
   b[8] = static_cast<unsigned char>((b[8] & 0x3f) | 0x80);
   char out[37];

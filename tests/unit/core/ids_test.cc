@@ -2,6 +2,9 @@
 
 #include <gtest/gtest.h>
 
+#include <set>
+#include <string>
+
 namespace nm {
 namespace {
 
@@ -24,6 +27,15 @@ TEST(VmIds, GeneratedIdsAreValidAndDistinct) {
   EXPECT_TRUE(VmId::parse(a.str(), "id").is_ok());
   EXPECT_EQ(a.str()[14], '4');
   EXPECT_FALSE(VmId::parse("3F1C0000-0000-4000-8000-000000000000", "id").is_ok());
+  // Random version-4 UUIDs: the version and variant bits set, the other 122 bits never repeat.
+  std::set<std::string> seen;
+  for (int i = 0; i < 1000; ++i) {
+    const std::string id = generate_vm_id().str();
+    EXPECT_EQ(id[14], '4') << id;
+    EXPECT_NE(std::string("89ab").find(id[19]), std::string::npos) << id;
+    seen.insert(id);
+  }
+  EXPECT_EQ(seen.size(), 1000u);
 }
 
 TEST(Digests, RequireSha256PrefixAndLowercaseHex) {
