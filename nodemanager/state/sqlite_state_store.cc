@@ -530,8 +530,9 @@ Status SqliteTxn::put_vm(const VmRecord& vm) {
                   "excluded.generation, observed_generation = excluded.observed_generation, state "
                   "= excluded.state, state_reason = excluded.state_reason, image_digest = "
                   "excluded.image_digest, kernel_digest = excluded.kernel_digest, initrd_digest = "
-                  "excluded.initrd_digest, created_us = excluded.created_us, updated_us = "
-                  "excluded.updated_us, name = excluded.name, tenant = excluded.tenant"));
+                  "excluded.initrd_digest, updated_us = excluded.updated_us WHERE name = "
+                  "excluded.name AND tenant = excluded.tenant AND created_us = "
+                  "excluded.created_us"));
   s.bind(1, vm.id.str())
       .bind(2, vm_spec_to_json(vm.spec))
       .bind(3, power_intent_name(vm.power))
@@ -550,6 +551,13 @@ Status SqliteTxn::put_vm(const VmRecord& vm) {
   Status st = s.run();
   if (!st.is_ok()) {
     return st.with_context("put vm '" + vm.id.str() + "' named '" + vm.spec.name.str() + "'");
+  }
+  // The indexed columns stay out of the update (rewriting their index entries would write two
+  // more pages to the WAL on every state change); the WHERE makes a change to them an error.
+  if (sqlite3_changes(store_.db()) == 0) {
+    return internal_error("put vm '" + vm.id.str() +
+                          "': its name, tenant and creation time "
+                          "cannot change (the database has others)");
   }
   return Status::ok();
 }
@@ -585,8 +593,11 @@ Result<EventRecord> SqliteTxn::append_event(const std::string& kind, const std::
         .bind(5, payload_json);
     NM_RETURN_IF_ERROR(s.run());
   }
+  // Trimmed every 1 % of the capacity, not on every event: the oldest events sit on another
+  // page than the newest, and every trim writes that page to the WAL too.
   const uint64_t capacity = store_.options().event_capacity;
-  if (seq > capacity) {
+  const uint64_t batch = std::max<uint64_t>(1, capacity / 100);
+  if (seq > capacity && seq % batch == 0) {
     NM_ASSIGN_OR_RETURN(Stmt s, store_.stmt("DELETE FROM events WHERE seq <= ?1"));
     NM_RETURN_IF_ERROR(s.bind(1, to_db(seq - capacity)).run());
   }

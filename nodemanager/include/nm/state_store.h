@@ -95,11 +95,14 @@ struct JobRecord {
 class StateTxn {
  public:
   virtual ~StateTxn() = default;
-  virtual Status put_vm(const VmRecord& vm) = 0;  // insert or replace by id
-  virtual Status delete_vm(const VmId& id) = 0;   // OK if absent
+  // Inserts, or updates by id. A VM's name, tenant and created_us never change: Internal if
+  // `vm` has others than the stored record.
+  virtual Status put_vm(const VmRecord& vm) = 0;
+  virtual Status delete_vm(const VmId& id) = 0;  // OK if absent
   // AlreadyExists if a record with that id exists.
   virtual Status put_request(const RequestRecord& req) = 0;
-  // Appends to the ring (assigning seq) and trims the oldest beyond the configured capacity.
+  // Appends to the ring (assigning seq) and trims the oldest beyond the configured capacity
+  // (every capacity/100 events, so the ring holds capacity to capacity + capacity/100 - 1).
   virtual Result<EventRecord> append_event(const std::string& kind, const std::string& object_id,
                                            const std::string& payload_json, uint64_t ts_us) = 0;
   // A job id never handed out before on this node.
@@ -119,7 +122,8 @@ class StateTxn {
 };
 
 struct SqliteOptions {
-  // Events kept for GetEvents(); older ones are trimmed. Default 10000.
+  // Events kept for GetEvents() at least; older ones are trimmed (in batches of 1 %). Default
+  // 10000.
   uint32_t event_capacity = 10000;
   // Idempotency records older than this are dropped at open. Default 7 days.
   uint64_t request_retention_us = 7ull * 24 * 3600 * 1000 * 1000;

@@ -300,16 +300,28 @@ TEST_F(SqliteStateStoreTest, VmRecordsRoundTripIncludingTheSpec) {
   EXPECT_FALSE(store_->get_vm(VmId::trusted("33333333-3333-4333-8333-333333333333"))->has_value());
 }
 
-TEST_F(SqliteStateStoreTest, PutReplacesByIdAndDeleteRemoves) {
+TEST_F(SqliteStateStoreTest, PutUpdatesByIdKeepsItsIdentityAndDeleteRemoves) {
   open();
   VmRecord vm = vm_named("web-1", kId1);
   ASSERT_TRUE(put(vm).is_ok());
   vm.generation = 4;
-  vm.spec = spec_named("web-renamed");
+  vm.spec.vcpus = 8;
   vm.state = "stopped";
+  vm.updated_us = kNow + 9;
   ASSERT_TRUE(put(vm).is_ok());
   EXPECT_EQ(**store_->get_vm(vm.id), vm);
   EXPECT_EQ(store_->list_vms()->size(), 1u);
+
+  // Name, tenant and creation time belong to the VM for good.
+  VmRecord renamed = vm;
+  renamed.spec = spec_named("web-renamed");
+  Status st = put(renamed);
+  EXPECT_EQ(st.code(), Code::kInternal) << st.to_string();
+  EXPECT_NE(st.message().find("cannot change"), std::string::npos) << st.message();
+  VmRecord reborn = vm;
+  reborn.created_us = kNow + 100;
+  EXPECT_EQ(put(reborn).code(), Code::kInternal);
+  EXPECT_EQ(**store_->get_vm(vm.id), vm);
 
   ASSERT_TRUE(store_->transact([&](StateTxn& txn) { return txn.delete_vm(vm.id); }).is_ok());
   EXPECT_FALSE(store_->get_vm(vm.id)->has_value());
@@ -421,6 +433,29 @@ TEST_F(SqliteStateStoreTest, EventSeqIsNeverReusedAcrossTrimmingAndReopen) {
   ASSERT_EQ(since->size(), 2u);
   EXPECT_EQ((*since)[0].seq, 11u);
   EXPECT_EQ((*since)[1].seq, 12u);
+}
+
+// The ring is trimmed every capacity/100 events (the oldest rows live on another page, which each
+// trim writes): it never holds fewer than its capacity, and at most capacity/100 - 1 more.
+TEST_F(SqliteStateStoreTest, TheEventRingIsTrimmedInBatchesAndKeepsItsCapacity) {
+  SqliteOptions options;
+  options.event_capacity = 300;  // trimmed at every 3rd event beyond 300
+  open(options);
+  ASSERT_TRUE(store_
+                  ->transact([&](StateTxn& txn) -> Status {
+                    for (uint64_t i = 1; i <= 310; ++i) {
+                      NM_RETURN_IF_ERROR(
+                          txn.append_event("VmStateChanged", kId1, "{}", kNow + i).status());
+                    }
+                    return Status::ok();
+                  })
+                  .is_ok());
+  auto kept = store_->events_since(0, 1000);
+  ASSERT_TRUE(kept.is_ok()) << kept.status().to_string();
+  // Trims at 303, 306 and 309 kept 10..309, then 310 came.
+  ASSERT_EQ(kept->size(), 301u);
+  EXPECT_EQ(kept->front().seq, 10u);
+  EXPECT_EQ(kept->back().seq, 310u);
 }
 
 TEST_F(SqliteStateStoreTest, JobIdsAreNeverReusedAcrossReopen) {
@@ -680,6 +715,23 @@ TEST_F(SqliteStateStoreTest, DeferredSyncCheckpointsSoTheWalStaysBounded) {
   EXPECT_LT(wal, uintmax_t{6} << 20);  // 3000 commits of a 3 KB row: over 12 MiB unchecked
   open();
   EXPECT_EQ(store_->get_setting("key-49")->value_or(""), setting_value(2999));
+}
+
+// A VM's state change rewrites its row's page and nothing else: the name and tenant indexes
+// are not touched (each index page would be one more 4 KiB frame in the WAL, and in its fsync).
+TEST_F(SqliteStateStoreTest, AStateChangeWritesOnePageToTheWal) {
+  probe();
+  open(deferred());
+  VmRecord vm = vm_named("web-1", kId1);
+  ASSERT_TRUE(put(vm).is_ok());
+  vfs_probe::wal_ops.clear();
+  vm.state = "stopped";
+  vm.observed_generation = vm.generation;
+  vm.updated_us += 1;
+  ASSERT_TRUE(put(vm).is_ok());
+  // One frame: its header and its page, two writes.
+  EXPECT_EQ(std::count(vfs_probe::wal_ops.begin(), vfs_probe::wal_ops.end(), 'W'), 2)
+      << vfs_probe::wal_ops;
 }
 
 TEST_F(SqliteStateStoreTest, DeferredCommitsDoNotSyncAndOneSyncCoversThemAll) {
