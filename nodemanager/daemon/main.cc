@@ -185,11 +185,20 @@ int run(const nm::DaemonConfig& cfg) {
     sync_failed(s);
     ev.exit(EXIT_FAILURE);
   };
+  // READY's STATUS said the reconcile waits for libvirt: say when it has run.
+  nm::NodeService* status_service = nullptr;
+  so.on_startup_reconciled = [&status_service, log] {
+    const size_t n = status_service != nullptr ? status_service->list_vms("").size() : 0;
+    const std::string status = "serving " + std::to_string(n) + " VMs";
+    notify_status(status);
+    log->info("start-up reconcile done after libvirt answered: {}", status);
+  };
   so.crash_policy = {.max_restarts = cfg.crash_restart_max,
                      .window = std::chrono::seconds(cfg.crash_restart_window_s),
                      .backoff = std::chrono::milliseconds(cfg.crash_restart_backoff_ms)};
   auto service = nm::make_node_service(
       nm::ServiceDeps{**store, **hypervisor, **images, networks, ev, *workers, clock}, so);
+  status_service = service.get();
 
   // The DHCP supervisor's thread reports restarts; the service records them on the loop.
   (*dhcp)->set_observer([&ev, svc = service.get()](const std::string& key, const nm::Status& what) {
@@ -313,7 +322,9 @@ int run(const nm::DaemonConfig& cfg) {
 
   const auto vms = service->list_vms("");
   std::string ready = "serving " + std::to_string(vms.size()) + " VMs";
-  if (!(*hypervisor)->connected()) ready += "; libvirt not connected (see nodectl node health)";
+  if (service->startup_reconcile_pending()) {
+    ready += "; start-up reconcile waits for libvirt (see nodectl node health)";
+  }
   sd_notifyf(0, "READY=1\nSTATUS=%s", ready.c_str());
   log->info("ready: {}", ready);
 

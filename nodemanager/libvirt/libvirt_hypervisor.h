@@ -28,9 +28,10 @@
 //
 // Late libvirtd: when libvirt cannot be reached at all in create() (Unavailable: libvirtd not
 // started yet at boot, or restarting), the adapter is created disconnected (start_error() says
-// why) and its reconnect thread connects as above; that first connection is announced to the
-// connection handler like a reconnect (true), so the caller learns when to run what it could not
-// do without libvirt.
+// why) and its reconnect thread (or any call, as above) connects, trying at once and then after
+// 200 ms, doubling up to LibvirtOptions::reconnect_max_backoff; that first connection is
+// announced to the connection handler like a reconnect (true), so the caller learns when to run
+// what it could not do without libvirt.
 //
 // Connection handler: runs on the adapter's reconnect thread (one per adapter), never on a caller
 // thread and never twice at once, in the order the transitions happened: false once per lost
@@ -139,7 +140,8 @@ class LibvirtHypervisor final : public Hypervisor {
   // connects to `options.uri`, registers the lifecycle-event and close callbacks, makes sure the
   // overlay pool exists and is active (and refreshes it) and starts the reconnect thread. The
   // adapter starts connected (no handler call for that), or, when libvirt cannot be reached
-  // (Unavailable), disconnected with start_error() set (see "Late libvirtd" above).
+  // (Unavailable), disconnected with start_error() set (see "Late libvirtd" above); the pool is
+  // then first checked by the first overlay call, which returns the Conflict below instead.
   // InvalidArgument for bad options, Conflict when the pool exists with another target, Internal
   // otherwise.
   static Result<std::unique_ptr<LibvirtHypervisor>> create(const LibvirtOptions& options);

@@ -252,14 +252,20 @@ class NodeServiceImpl final : public NodeService {
       interrupted_[key].push_back(std::move(j));
     }
     NM_RETURN_IF_ERROR(load_health());
+    // VM checks live in memory; a VM the crash policy gave up on stays reported after a restart.
+    for (const auto& [_, vm] : vms_) {
+      if (vm.state == "failed") set_vm_health(vm, HealthState::kFailed, vm.state_reason);
+    }
     start_networks();
     const Result<HypervisorState> hv = read_hypervisor(host_from_hypervisor());
     if (!hv.is_ok()) {
       if (hv.status().code() != Code::kUnavailable) return hv.status();
       // libvirtd is not there yet (boot order, a restart): serve what the database knows, refuse
-      // VM changes, and reconcile once the first audit after the connection reaches libvirt.
+      // VM changes, and reconcile once an audit reaches libvirt (the connection triggers one).
       startup_reconcile_pending_ = true;
-      log_->warn("start-up reconcile postponed until libvirt answers: {}", hv.status().message());
+      startup_error_ = hv.status().message();
+      log_->warn("start-up reconcile postponed until libvirt answers: {}", startup_error_);
+      end_interrupted_jobs(/*vms=*/false);  // images and networks need no libvirt
       return Status::ok();
     }
     finish_start(*hv, epoch_counter_);
@@ -297,24 +303,45 @@ class NodeServiceImpl final : public NodeService {
         "start-up reconcile: {} VMs in the database, {} domains on the hypervisor (domain "
         "type '{}')",
         vms_.size(), hv.domains.size(), domain_type_);
-    startup_reconcile_pending_ = false;
+    const bool postponed = std::exchange(startup_reconcile_pending_, false);
     starting_ = true;
     reconcile_all(hv.domains, hv.overlays, taken_at);
     starting_ = false;
-    // VM checks live in memory; a VM the crash policy gave up on stays reported after a restart.
-    for (const auto& [_, vm] : vms_) {
-      if (vm.state == "failed") set_vm_health(vm, HealthState::kFailed, vm.state_reason);
+    end_interrupted_jobs(/*vms=*/true);
+    if (!postponed) return;
+    if (std::exchange(startup_check_failed_, false)) {
+      set_host_check("libvirt", HealthState::kOk, "start-up reconcile done");
     }
-    end_interrupted_jobs();
+    // Lifecycle events ignored meanwhile may have come after the listing it used.
+    if (std::exchange(events_while_pending_, false)) audit();
+    if (opt_.on_startup_reconciled) opt_.on_startup_reconciled();
+  }
+
+  bool startup_reconcile_pending() const override { return startup_reconcile_pending_; }
+
+  // A postponed start-up reconcile could not read libvirt. Unreachable: the connection coming up
+  // triggers the next audit. Connected but failing (libvirtd still starting, a pool with another
+  // target): that is the libvirt check's state now, and the audit is retried with backoff.
+  void startup_read_failed(const Status& s) {
+    startup_error_ = s.message();
+    if (!d_.hypervisor.connected()) return;
+    if (s.code() != Code::kUnavailable) {
+      startup_check_failed_ = true;
+      set_host_check("libvirt", HealthState::kFailed, "start-up reconcile: " + s.message());
+    }
+    d_.loop.post_after(startup_retry_, [this, alive = alive_] {
+      if (*alive && startup_reconcile_pending_) audit();
+    });
+    startup_retry_ = std::min(startup_retry_ * 2, kStartupRetryMax);
   }
 
   // VM changes wait for the start-up reconcile, which needs libvirt: a job queued before it
   // would run against state nobody has looked at yet.
   Status require_startup_reconciled() const {
     if (!startup_reconcile_pending_) return Status::ok();
-    return unavailable(
-        "libvirt has not answered since nodemanagerd started: VMs cannot be created or changed "
-        "until it does (GetHealth shows the libvirt check)");
+    return unavailable("the start-up reconcile is waiting for libvirt (" + startup_error_ +
+                       "): VMs cannot be created or changed until it has run (GetHealth shows the "
+                       "libvirt check)");
   }
 
   // ---------------------------------------------------------------- VMs
@@ -416,6 +443,7 @@ class NodeServiceImpl final : public NodeService {
     const std::string fingerprint(ref);
     NM_ASSIGN_OR_RETURN(auto replayed, replay(rid, "RebootVm", fingerprint));
     if (replayed) return replayed->at("job_id").get<uint32_t>();
+    NM_RETURN_IF_ERROR(require_startup_reconciled());
     NM_ASSIGN_OR_RETURN(VmRecord * vm, find_vm(ref));
     const ScopedLogFields fields({{log_field::kVmId, vm->id.str()},
                                   {log_field::kTenant, vm->spec.tenant.str()},
@@ -1076,7 +1104,10 @@ class NodeServiceImpl final : public NodeService {
 
   void on_domain_event(const DomainEvent& ev) override {
     log_->debug("domain event {} kind {} detail {}", ev.uuid, static_cast<int>(ev.kind), ev.detail);
-    if (startup_reconcile_pending_) return;  // the start-up reconcile reads every domain
+    if (startup_reconcile_pending_) {  // the start-up reconcile reads every domain
+      events_while_pending_ = true;
+      return;
+    }
     auto it = vms_.find(ev.uuid);
     if (it == vms_.end()) return;
     for (auto& [id, job] : jobs_) {
@@ -1127,6 +1158,7 @@ class NodeServiceImpl final : public NodeService {
         if (!hv.is_ok()) {
           log_->warn("audit: listing libvirt state failed: {}; retrying at the next audit",
                      hv.status().to_string());
+          if (startup_reconcile_pending_) startup_read_failed(hv.status());
           return;
         }
         if (startup_reconcile_pending_) return finish_start(*hv, taken_at);
@@ -1607,9 +1639,15 @@ class NodeServiceImpl final : public NodeService {
   }
 
   // Ends the interrupted client jobs that the start-up reconcile did not need: the VM already
-  // is where the request wanted it ("done"); an import has to be sent again ("failed").
-  void end_interrupted_jobs() {
-    for (const auto& [key, jobs] : interrupted_) {
+  // is where the request wanted it ("done"); an import has to be sent again ("failed"). Without
+  // `vms`, those keyed by a VM stay for the reconcile.
+  void end_interrupted_jobs(bool vms) {
+    for (auto it = interrupted_.begin(); it != interrupted_.end();) {
+      const auto& [key, jobs] = *it;
+      if (!vms && VmId::parse(key, "job key").is_ok()) {
+        ++it;
+        continue;
+      }
       for (const auto& j : jobs) {
         auto job = std::make_shared<Job>();
         job->view = {static_cast<uint32_t>(j.id), j.kind, j.object_id, JobState::kRunning, 0.0};
@@ -1622,8 +1660,8 @@ class NodeServiceImpl final : public NodeService {
                    import ? "failed" : "nothing left to do");
         record_job_end(job, outcome);
       }
+      it = interrupted_.erase(it);
     }
-    interrupted_.clear();
   }
 
   Status append(StateTxn& txn, const std::string& kind, const std::string& object,
@@ -2908,6 +2946,11 @@ class NodeServiceImpl final : public NodeService {
   bool probe_in_flight_ = false;
   bool starting_ = false;  // start()'s reconcile: VMs found down are restored, not "crashed"
   bool startup_reconcile_pending_ = false;  // libvirt was unreachable in start()
+  std::string startup_error_;               // why the start-up reconcile waits
+  bool startup_check_failed_ = false;       // it set the libvirt check failed
+  bool events_while_pending_ = false;       // lifecycle events it ignored
+  std::chrono::milliseconds startup_retry_{250};
+  static constexpr std::chrono::milliseconds kStartupRetryMax{8000};
   mutable std::map<std::string, uint64_t> image_gib_;
   std::map<std::string, std::string> name_index_;  // name -> id
   std::map<uint32_t, std::unique_ptr<Job>> jobs_;

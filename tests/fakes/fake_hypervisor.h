@@ -34,6 +34,7 @@ class FakeHypervisor final : public Hypervisor {
 
   Result<std::vector<DomainInfo>> list_domains() override {
     std::lock_guard lock(mu_);
+    ++calls_["list_domains"];  // failed ones too: every audit's reading counts
     NM_RETURN_IF_ERROR(take_failure("list_domains"));
     std::vector<DomainInfo> out;
     for (const auto& [uuid, d] : domains_) out.push_back(d.info);

@@ -62,8 +62,8 @@ struct ServiceOptions {
   PsiThresholds psi_thresholds;
   // /proc/pressure/memory; empty: no memory-pressure check.
   std::string psi_path = "/proc/pressure/memory";
-  // Host totals for capacity: 0 means what the hypervisor reports (read by start()); disk is the
-  // instances filesystem, measured when asked.
+  // Host totals for capacity: 0 means what the hypervisor reports (read by the start-up
+  // reconcile; 0 until it has run); disk is the instances filesystem, measured when asked.
   uint32_t host_vcpus = 0;
   uint64_t host_memory_mib = 0;
   CapacityOptions capacity;
@@ -82,6 +82,8 @@ struct ServiceOptions {
   // Called on the loop when the store cannot make written state durable (fsync failed): what
   // waited for it stays held. nodemanagerd exits (systemd restarts it from the database).
   std::function<void(const Status&)> on_sync_failure;
+  // Called on the loop when a postponed start-up reconcile (see NodeService::start) has run.
+  std::function<void()> on_startup_reconciled;
 };
 
 // Where a VM's serial console is written: <instances_dir>/<id>.serial.log.
@@ -161,8 +163,15 @@ class NodeService {
 
   // Loads desired state and runs the first reconcile synchronously enough that, when the
   // returned Status is OK, every VM known to the database is registered (observers notified)
-  // and start-up convergence jobs are queued.
+  // and start-up convergence jobs are queued. When the hypervisor is Unavailable, the start-up
+  // reconcile is postponed instead (startup_reconcile_pending()): VM changes are refused with
+  // Unavailable, interrupted image and network jobs end at once, and audit() runs the reconcile
+  // once it can read the hypervisor (retrying by itself while the hypervisor is connected but
+  // the reading fails; on_startup_reconciled is called then).
   virtual Status start() = 0;
+  // True from a start() that found the hypervisor Unavailable until the postponed start-up
+  // reconcile has run.
+  virtual bool startup_reconcile_pending() const { return false; }
 
   // ---- VMs. `vm` is an id or a name. Empty request_id: not idempotent. ----
   virtual Result<CreateVmReply> create_vm(std::string_view spec_json,
@@ -234,7 +243,8 @@ class NodeService {
   // ---- Reconciliation ----
   // Called (on the loop thread) for each hypervisor lifecycle event.
   virtual void on_domain_event(const DomainEvent& event) = 0;
-  // Periodic audit: compares every VM with libvirt and queues convergence work.
+  // Periodic audit: compares every VM with libvirt and queues convergence work (or runs the
+  // postponed start-up reconcile). Called while one is in flight, it runs once more after it.
   virtual void audit() = 0;
   // Records a repair of the host side of networks that happened outside the audit (the DHCP
   // supervisor restarting a dead dnsmasq): a NetworkRepaired event and a warning.

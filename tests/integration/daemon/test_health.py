@@ -119,7 +119,8 @@ class HealthTestCase(NodeTestCase):
         self.assertIn(host, libvirt["reason"])
         self.assertEqual(set(self.vms()), {"web-1"})
         refused = self.create("web-2", "contoso", wait=False, expect=EXIT_UNAVAILABLE)
-        self.assertIn("libvirt has not answered", refused.json["message"])
+        self.assertIn("waiting for libvirt", refused.json["message"])
+        self.assertIn(host, refused.json["message"])
         self.ctl("vm", "start", "web-1", expect=EXIT_UNAVAILABLE)
         self.assertEqual(set(self.vms()), {"web-1"}, "a refused create leaves nothing")
 
@@ -134,6 +135,27 @@ class HealthTestCase(NodeTestCase):
         self.assertEqual(self.show("web-1")["state"], "running")
         self.create("web-2", "contoso")
         self.assertEqual(self.health()["state"], "ok")
+
+    def test_a_late_libvirt_that_cannot_be_used_keeps_the_node_failed_with_the_reason(self):
+        """libvirt comes but the start-up reconcile still cannot read it (our overlay pool's
+        name is taken by a pool with another target): the node stays failed with that reason
+        instead of turning ok while refusing every VM change."""
+        self.assertEqual(self.node.stop_daemon(), 0)
+        host = os.path.join(self.node.tmp, "libvirt-host.xml")
+        self.node.start_daemon(self.daemon_args, libvirt_uri="test://" + host)
+        with open(host, "w") as f:
+            f.write("<node><pool type='dir'><name>nodemanager</name><target>"
+                    "<path>/somewhere/else</path></target></pool></node>\n")
+
+        def pool_reason():
+            libvirt = self.checks(self.health(expect=None))["libvirt"]
+            return libvirt["state"] == "failed" and "start-up reconcile" in libvirt["reason"] \
+                and libvirt["reason"]
+        reason = self.wait_until("the libvirt check to name the pool", pool_reason, timeout=10)
+        self.assertIn("/somewhere/else", reason)
+        self.assertEqual(self.health(expect=EXIT_FAILED)["state"], "failed")
+        refused = self.create("web-2", "contoso", wait=False, expect=EXIT_UNAVAILABLE)
+        self.assertIn("/somewhere/else", refused.json["message"])
 
     def test_heartbeats_come_every_interval_with_a_capacity_summary(self):
         w = self.watch()
