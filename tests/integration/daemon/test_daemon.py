@@ -626,3 +626,28 @@ class Systemd(unittest.TestCase):
         self.assertTrue(any("STOPPING=1" in m for m in after), after)
         sock.close()
         log.close()
+
+    def test_without_libvirt_ready_says_the_reconcile_waits_and_status_follows_it(self):
+        import socket
+        path = os.path.join(self.node.tmp, "notify")
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        sock.bind(path)
+        self.addCleanup(sock.close)
+        sock.settimeout(20)
+        host = os.path.join(self.node.tmp, "libvirt-host.xml")  # the test driver's host: not yet
+        log = open(os.path.join(self.node.tmp, "notify-daemon.log"), "w")
+        self.addCleanup(log.close)
+        self.proc = subprocess.Popen(
+            [self.node.daemon_bin, "--bus", self.node.address, "--libvirt-uri", "test://" + host,
+             "--state-dir", self.node.state_dir, "--config", "/dev/null"],
+            stdout=subprocess.DEVNULL, stderr=log, env=dict(os.environ, NOTIFY_SOCKET=path))
+        messages = []
+        while not any("READY=1" in m for m in messages):
+            messages.append(sock.recv(4096).decode())
+        self.assertIn("STATUS=serving 0 VMs; start-up reconcile waits for libvirt", messages[-1])
+        with open(host, "w") as f:
+            f.write("<node/>\n")
+        while not any(line == "STATUS=serving 0 VMs" for line in messages[-1].splitlines()):
+            messages.append(sock.recv(4096).decode())
+        self.proc.send_signal(signal.SIGTERM)
+        self.assertEqual(self.proc.wait(timeout=15), 0)
