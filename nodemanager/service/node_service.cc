@@ -309,7 +309,8 @@ class NodeServiceImpl final : public NodeService {
     starting_ = false;
     end_interrupted_jobs(/*vms=*/true);
     if (!postponed) return;
-    if (std::exchange(startup_check_failed_, false)) {
+    // Unless the connection was lost meanwhile (its handler reports that).
+    if (std::exchange(startup_check_failed_, false) && d_.hypervisor.connected()) {
       set_host_check("libvirt", HealthState::kOk, "start-up reconcile done");
     }
     // Lifecycle events ignored meanwhile may have come after the listing it used.
@@ -324,13 +325,18 @@ class NodeServiceImpl final : public NodeService {
   // target): that is the libvirt check's state now, and the audit is retried with backoff.
   void startup_read_failed(const Status& s) {
     startup_error_ = s.message();
-    if (!d_.hypervisor.connected()) return;
-    if (s.code() != Code::kUnavailable) {
-      startup_check_failed_ = true;
-      set_host_check("libvirt", HealthState::kFailed, "start-up reconcile: " + s.message());
+    if (!d_.hypervisor.connected()) {
+      startup_retry_ = kStartupRetryFirst;  // after the next connection, retry soon again
+      return;
     }
+    startup_check_failed_ = true;
+    set_host_check("libvirt", HealthState::kFailed, "start-up reconcile: " + s.message());
+    if (startup_retry_armed_) return;  // one retry at a time, whatever asked for audits
+    startup_retry_armed_ = true;
     d_.loop.post_after(startup_retry_, [this, alive = alive_] {
-      if (*alive && startup_reconcile_pending_) audit();
+      if (!*alive) return;
+      startup_retry_armed_ = false;
+      if (startup_reconcile_pending_) audit();
     });
     startup_retry_ = std::min(startup_retry_ * 2, kStartupRetryMax);
   }
@@ -2949,8 +2955,10 @@ class NodeServiceImpl final : public NodeService {
   std::string startup_error_;               // why the start-up reconcile waits
   bool startup_check_failed_ = false;       // it set the libvirt check failed
   bool events_while_pending_ = false;       // lifecycle events it ignored
-  std::chrono::milliseconds startup_retry_{250};
+  static constexpr std::chrono::milliseconds kStartupRetryFirst{250};
   static constexpr std::chrono::milliseconds kStartupRetryMax{8000};
+  std::chrono::milliseconds startup_retry_ = kStartupRetryFirst;
+  bool startup_retry_armed_ = false;
   mutable std::map<std::string, uint64_t> image_gib_;
   std::map<std::string, std::string> name_index_;  // name -> id
   std::map<uint32_t, std::unique_ptr<Job>> jobs_;

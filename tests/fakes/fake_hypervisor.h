@@ -182,6 +182,15 @@ class FakeHypervisor final : public Hypervisor {
     std::lock_guard lock(mu_);
     failures_[op] = std::move(status);
   }
+  // Every call of `op` fails with `status` until fail_always(op, ok).
+  void fail_always(const std::string& op, Status status) {
+    std::lock_guard lock(mu_);
+    if (status.is_ok()) {
+      sticky_failures_.erase(op);
+    } else {
+      sticky_failures_[op] = std::move(status);
+    }
+  }
   // Guests ignore ACPI shutdown requests (forces the stop timeout path).
   void set_ignore_acpi(bool v) {
     std::lock_guard lock(mu_);
@@ -303,6 +312,9 @@ class FakeHypervisor final : public Hypervisor {
   }
   Status take_failure(const std::string& op) {
     if (!connected_) return unavailable("fake: hypervisor disconnected during '" + op + "'");
+    if (auto sticky = sticky_failures_.find(op); sticky != sticky_failures_.end()) {
+      return sticky->second;
+    }
     auto it = failures_.find(op);
     if (it == failures_.end()) return Status::ok();
     Status s = it->second;
@@ -350,6 +362,7 @@ class FakeHypervisor final : public Hypervisor {
   std::map<std::string, Domain> domains_;
   std::map<std::string, Overlay> overlays_;
   std::map<std::string, Status> failures_;
+  std::map<std::string, Status> sticky_failures_;  // see fail_always()
   std::map<std::string, int> calls_;
   EventHandler handler_;
   ConnectionHandler connection_handler_;

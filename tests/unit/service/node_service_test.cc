@@ -75,6 +75,12 @@ class ManualLoop final : public LoopExecutor {
     }
   }
 
+  // Functions posted with a delay that have not run yet.
+  size_t delayed_count() {
+    std::lock_guard lock(mu_);
+    return delayed_.size();
+  }
+
  private:
   std::mutex mu_;
   std::condition_variable cv_;
@@ -728,6 +734,25 @@ TEST_F(NodeServiceTest, AStartUpReconcileThatCannotReadLibvirtIsReportedAndRetri
   EXPECT_TRUE(reconciled);
   ASSERT_TRUE(loop_.run_until([&] { return service_->health().state == HealthState::kOk; }));
   EXPECT_TRUE(service_->create_vm(spec("b"), "").is_ok());
+}
+
+// While reading libvirt keeps failing, however many audits fail (the periodic one, each
+// reconnect's, the re-runs), one retry at a time is armed: no pile of timers, no audit storm.
+TEST_F(NodeServiceTest, AStartUpReconcileThatKeepsFailingRetriesOneAtATime) {
+  hv_.set_connected(false, "libvirtd is not running");
+  open_service();
+  hv_.set_connected(true);
+  hv_.fail_always("list_overlays", Status(Code::kConflict, "pool 'nodemanager' is elsewhere"));
+  for (int i = 0; i < 4; ++i) {  // four audits, each after the previous one failed
+    const int before = hv_.calls("list_domains");
+    service_->audit();
+    ASSERT_TRUE(loop_.run_until([&] { return hv_.calls("list_domains") > before; }));
+    loop_.run_until([] { return false; }, 20ms);  // its result reaches the loop
+  }
+  EXPECT_EQ(loop_.delayed_count(), 1u) << "one armed retry, not one per failed audit";
+  EXPECT_TRUE(service_->startup_reconcile_pending());
+  hv_.fail_always("list_overlays", Status::ok());
+  ASSERT_TRUE(loop_.run_until([&] { return !service_->startup_reconcile_pending(); }, 10s));
 }
 
 // A lifecycle event while the start-up reconcile waits is not judged (nothing has been looked
