@@ -12,6 +12,7 @@
 #include <new>
 #include <nlohmann/json.hpp>
 #include <optional>
+#include <set>
 #include <string>
 #include <unordered_map>
 #include <utility>
@@ -142,6 +143,9 @@ struct DbusServer::Impl {
   std::vector<SlotPtr> slots;  // vtables, object manager, enumerators
   int in_method = 0;           // > 0 while a method handler runs
   std::vector<std::pair<const char*, std::function<void()>>> deferred;  // its signals
+  // Objects whose InterfacesAdded is waiting to be sent. It reads their properties when it goes
+  // out, so a PropertiesChanged queued meanwhile would repeat the same values: not sent.
+  std::set<std::string> announcing;
 
   // ---- helpers ----
 
@@ -1172,19 +1176,22 @@ std::string DbusServer::unique_name() const {
 }
 
 void DbusServer::on_vm_added(const VmRecord& vm) {
+  const std::string path = vm_object_path(vm.id.str());
+  impl_->announcing.insert(path);
   impl_->guard_observer("on_vm_added", [=, this] {
+    impl_->announcing.erase(path);
     // Held until durable, this runs later: a VM removed meanwhile is announced by its removal.
     if (!impl_->service.get_vm(vm.id.str()).is_ok()) return;
-    const std::string path = vm_object_path(vm.id.str());
     impl_->warn_if_failed(sd_bus_emit_object_added(impl_->bus.get(), path.c_str()),
                           "InterfacesAdded", path);
   });
 }
 
 void DbusServer::on_vm_changed(const VmRecord& vm) {
+  const std::string path = vm_object_path(vm.id.str());
+  if (impl_->announcing.count(path)) return;  // its InterfacesAdded will carry the change
   impl_->guard_observer("on_vm_changed", [=, this] {
     if (!impl_->service.get_vm(vm.id.str()).is_ok()) return;  // removed meanwhile
-    const std::string path = vm_object_path(vm.id.str());
     impl_->warn_if_failed(
         sd_bus_emit_properties_changed(impl_->bus.get(), path.c_str(), kVmInterface.data(), "State",
                                        "StateReason", "DesiredPower", "Spec", "Generation",
@@ -1201,8 +1208,10 @@ void DbusServer::on_vm_removed(const VmId& id) {
 }
 
 void DbusServer::on_job_added(const JobView& job) {
+  const std::string path = job_object_path(job.id);
+  impl_->announcing.insert(path);
   impl_->guard_observer("on_job_added", [=, this] {
-    const std::string path = job_object_path(job.id);
+    impl_->announcing.erase(path);
     if (impl_->service.get_job(job.id)) {  // else it ended meanwhile: JobRemoved follows
       impl_->warn_if_failed(sd_bus_emit_object_added(impl_->bus.get(), path.c_str()),
                             "InterfacesAdded", path);
@@ -1215,9 +1224,10 @@ void DbusServer::on_job_added(const JobView& job) {
 }
 
 void DbusServer::on_job_changed(const JobView& job) {
+  const std::string path = job_object_path(job.id);
+  if (impl_->announcing.count(path)) return;  // its InterfacesAdded will carry the change
   impl_->guard_observer("on_job_changed", [=, this] {
     if (!impl_->service.get_job(job.id)) return;  // ended meanwhile
-    const std::string path = job_object_path(job.id);
     impl_->warn_if_failed(sd_bus_emit_properties_changed(
                               impl_->bus.get(), path.c_str(), kJobInterface.data(), "State",
                               "Progress", "BytesDone", "BytesTotal", static_cast<char*>(nullptr)),

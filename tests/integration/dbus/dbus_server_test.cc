@@ -1417,6 +1417,40 @@ TEST_F(DbusServerTest, SignalsFromInsideACallAndErrorRepliesAreHeldInOrder) {
   EXPECT_EQ(arrived_, (std::vector<std::string>{"reply", "signal", "error"}));
 }
 
+// A job that changes while its InterfacesAdded still waits for durability: that InterfacesAdded
+// reads the properties when it goes out, so a PropertiesChanged behind it would repeat them and
+// is not sent. Once the object is announced, changes are signalled again.
+TEST_F(DbusServerTest, AChangeQueuedBehindItsObjectsAnnouncementIsCarriedByIt) {
+  const std::string path = job_object_path(6);
+  subscribe("org.freedesktop.DBus.ObjectManager", "InterfacesAdded");
+  subscribe(kManagerInterface.data(), "JobNew");
+  subscribe("org.freedesktop.DBus.Properties", "PropertiesChanged", path.c_str());
+  JobView job{.id = 6, .kind = "start", .object_id = kVmId, .state = JobState::kQueued};
+  run_on_loop([&] {
+    fake_.holding = true;
+    fake_.add_job(job);
+    fake_.observer()->on_job_added(job);
+    job.state = JobState::kRunning;
+    fake_.add_job(job);
+    fake_.observer()->on_job_changed(job);
+  });
+  size_t held = 0;
+  run_on_loop([&] { held = fake_.held.size(); });
+  EXPECT_EQ(held, 1u) << "only the announcement waits";
+  run_on_loop([&] { fake_.release_all(); });
+  pump_arrivals(3, std::chrono::milliseconds(300));
+  EXPECT_EQ(arrived_, (std::vector<std::string>{"signal", "signal"}));  // InterfacesAdded, JobNew
+  BusError error;
+  EXPECT_EQ(get_string_property(path, kJobInterface, "State", error), "running");
+
+  run_on_loop([&] {
+    job.progress = 0.5;
+    fake_.add_job(job);
+    fake_.observer()->on_job_changed(job);
+  });
+  EXPECT_TRUE(wait_signal("PropertiesChanged"));
+}
+
 TEST_F(DbusServerTest, ManagerPropertiesReadFromTheService) {
   fake_.add_event({77, 1, "VmStateChanged", kVmId, "{}"});
   BusError error;
