@@ -360,12 +360,12 @@ struct DbusServer::Impl {
   // Observer calls come from the service: a failure to signal is logged, never thrown back.
   // While a method call is being handled, emissions wait until its reply was handed over; every
   // emission waits until the state it reports is durable (NodeService::after_durable).
-  void guard_observer(const char* what, std::function<void()> body) noexcept {
+  void guard_observer(const char* what, const std::function<void()>& body) noexcept {
     try {
       if (in_method > 0) {
-        deferred.emplace_back(what, std::move(body));
+        deferred.emplace_back(what, body);
       } else {
-        emit_when_durable(what, std::move(body));
+        emit_when_durable(what, body);
       }
       return;
     } catch (...) {
@@ -374,8 +374,9 @@ struct DbusServer::Impl {
     run_observer(what, body);
   }
 
-  void emit_when_durable(const char* what, std::function<void()> body) {
-    service.after_durable([this, what, body = std::move(body), alive = alive] {
+  // Copies `body`: if holding it fails (memory), the caller still has it to send at once.
+  void emit_when_durable(const char* what, const std::function<void()>& body) {
+    service.after_durable([this, what, body, alive = alive] {
       if (*alive) run_observer(what, body);
     });
   }
@@ -396,7 +397,7 @@ struct DbusServer::Impl {
     pending.swap(deferred);
     for (auto& [what, body] : pending) {
       try {
-        emit_when_durable(what, std::move(body));
+        emit_when_durable(what, body);
       } catch (...) {
         log->error("{}: cannot defer the signal; sending it now", what);
         run_observer(what, body);
@@ -1178,10 +1179,10 @@ std::string DbusServer::unique_name() const {
 void DbusServer::on_vm_added(const VmRecord& vm) {
   const std::string path = vm_object_path(vm.id.str());
   impl_->announcing.insert(path);
-  impl_->guard_observer("on_vm_added", [=, this] {
+  impl_->guard_observer("on_vm_added", [this, path, id = vm.id.str()] {
     impl_->announcing.erase(path);
     // Held until durable, this runs later: a VM removed meanwhile is announced by its removal.
-    if (!impl_->service.get_vm(vm.id.str()).is_ok()) return;
+    if (!impl_->service.get_vm(id).is_ok()) return;
     impl_->warn_if_failed(sd_bus_emit_object_added(impl_->bus.get(), path.c_str()),
                           "InterfacesAdded", path);
   });
@@ -1190,8 +1191,8 @@ void DbusServer::on_vm_added(const VmRecord& vm) {
 void DbusServer::on_vm_changed(const VmRecord& vm) {
   const std::string path = vm_object_path(vm.id.str());
   if (impl_->announcing.count(path)) return;  // its InterfacesAdded will carry the change
-  impl_->guard_observer("on_vm_changed", [=, this] {
-    if (!impl_->service.get_vm(vm.id.str()).is_ok()) return;  // removed meanwhile
+  impl_->guard_observer("on_vm_changed", [this, path, id = vm.id.str()] {
+    if (!impl_->service.get_vm(id).is_ok()) return;  // removed meanwhile
     impl_->warn_if_failed(
         sd_bus_emit_properties_changed(impl_->bus.get(), path.c_str(), kVmInterface.data(), "State",
                                        "StateReason", "DesiredPower", "Spec", "Generation",

@@ -1451,6 +1451,34 @@ TEST_F(DbusServerTest, AChangeQueuedBehindItsObjectsAnnouncementIsCarriedByIt) {
   EXPECT_TRUE(wait_signal("PropertiesChanged"));
 }
 
+// The same for a VM created and changed inside one call (whose signals wait behind its reply).
+TEST_F(DbusServerTest, AVmChangedBeforeItsAnnouncementWentOutIsAnnouncedOnce) {
+  const std::string path = vm_object_path(kVmId);
+  subscribe("org.freedesktop.DBus.ObjectManager", "InterfacesAdded");
+  subscribe("org.freedesktop.DBus.Properties", "PropertiesChanged", path.c_str());
+  run_on_loop([&] {
+    fake_.holding = true;
+    fake_.on_create = [this] {
+      auto vm = make_vm(kVmId, "web-1", "contoso");
+      fake_.add_vm(vm);
+      fake_.observer()->on_vm_added(vm);
+      vm.state = "defining";
+      fake_.add_vm(vm);
+      fake_.observer()->on_vm_changed(vm);
+    };
+  });
+  SlotPtr create = call_async("CreateVm", "ss", "{}", "");
+  ASSERT_EQ(wait_held(2), 2u);  // the reply and the announcement; no PropertiesChanged
+  run_on_loop([&] {
+    fake_.on_create = nullptr;
+    fake_.release_all();
+  });
+  pump_arrivals(3, std::chrono::milliseconds(300));
+  EXPECT_EQ(arrived_, (std::vector<std::string>{"reply", "signal"}));
+  BusError error;
+  EXPECT_EQ(get_string_property(path, kVmInterface, "State", error), "defining");
+}
+
 TEST_F(DbusServerTest, ManagerPropertiesReadFromTheService) {
   fake_.add_event({77, 1, "VmStateChanged", kVmId, "{}"});
   BusError error;
