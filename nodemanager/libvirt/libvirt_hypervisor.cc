@@ -774,19 +774,19 @@ Result<std::unique_ptr<LibvirtHypervisor>> LibvirtHypervisor::create(
   if (!conn.is_ok()) {
     if (conn.status().code() != Code::kUnavailable) return conn.status();
     // libvirtd may come later (boot order, a restart in progress): start disconnected and let
-    // the reconnect thread connect. Its first connection is announced like a reconnect. The
-    // overlay pool is ensured by the first overlay call on it, as after any reconnect.
+    // the reconnect thread connect. Its first connection is announced like a reconnect (set
+    // before the thread starts). The overlay pool is ensured by the first overlay call on it, as
+    // after any reconnect.
     hv->start_error_ = conn.status().message();
-    {
-      const std::lock_guard lock(hv->liveness_->mu);
-      hv->liveness_->ever_up = true;
-    }
-    hv->reconnect_thread_ = std::thread([raw = hv.get()] { raw->run_reconnect_thread(); });
+    const std::lock_guard lock(hv->liveness_->mu);
+    hv->liveness_->ever_up = true;
+  }
+  hv->reconnect_thread_ = std::thread([raw = hv.get()] { raw->run_reconnect_thread(); });
+  if (!conn.is_ok()) {
     lv_log()->error("{}; running without libvirt, reconnecting in the background",
                     hv->start_error_);
     return hv;
   }
-  hv->reconnect_thread_ = std::thread([raw = hv.get()] { raw->run_reconnect_thread(); });
   NM_ASSIGN_OR_RETURN(PoolPtr pool, ensure_pool((*conn)->get(), hv->options_, hv->pool_mu_));
   if (hv->sink_->watches.enabled()) {
     auto listed = hv->list_domains();  // arms the watch of every running domain of ours
