@@ -185,11 +185,14 @@ int run(const nm::DaemonConfig& cfg) {
     sync_failed(s);
     ev.exit(EXIT_FAILURE);
   };
-  // READY's STATUS said the reconcile waits for libvirt: say when it has run.
+  // STATUS once ready; READY's said when the reconcile waits for libvirt: say when it has run.
   nm::NodeService* status_service = nullptr;
-  so.on_startup_reconciled = [&status_service, log] {
+  const auto serving = [&status_service] {
     const size_t n = status_service != nullptr ? status_service->list_vms("").size() : 0;
-    const std::string status = "serving " + std::to_string(n) + " VMs";
+    return "serving " + std::to_string(n) + " VMs";
+  };
+  so.on_startup_reconciled = [serving, log] {
+    const std::string status = serving();
     notify_status(status);
     log->info("start-up reconcile done after libvirt answered: {}", status);
   };
@@ -320,8 +323,7 @@ int run(const nm::DaemonConfig& cfg) {
     return fail(log, "enabling the watchdog", s);
   }
 
-  const auto vms = service->list_vms("");
-  std::string ready = "serving " + std::to_string(vms.size()) + " VMs";
+  std::string ready = serving();
   if (service->startup_reconcile_pending()) {
     ready += "; start-up reconcile waits for libvirt (see nodectl node health)";
   }
