@@ -75,6 +75,12 @@ class ManualLoop final : public LoopExecutor {
     }
   }
 
+  // Runs what is posted (and due) for `d`: for outcomes that must not happen, or to let a
+  // posted result reach the loop.
+  void run_for(std::chrono::milliseconds d) {
+    run_until([] { return false; }, d);
+  }
+
   // Functions posted with a delay that have not run yet.
   size_t delayed_count() {
     std::lock_guard lock(mu_);
@@ -687,7 +693,7 @@ TEST_F(NodeServiceTest, WithoutLibvirtAtStartUpServesTheDatabaseAndReconcilesOnc
   const int lists = hv_.calls("list_domains");
   service_->audit();  // still unreachable: nothing happens, the connection triggers the next one
   ASSERT_TRUE(loop_.run_until([&] { return hv_.calls("list_domains") > lists; }));
-  loop_.run_until([] { return false; }, 100ms);  // its result reaches the loop
+  loop_.run_for(100ms);  // its result reaches the loop
   EXPECT_TRUE(service_->startup_reconcile_pending());
   EXPECT_EQ(hv_.calls("define_domain"), defines);
   EXPECT_FALSE(obs_.finished.count(c->job_id));
@@ -747,7 +753,7 @@ TEST_F(NodeServiceTest, AStartUpReconcileThatKeepsFailingRetriesOneAtATime) {
     const int before = hv_.calls("list_domains");
     service_->audit();
     ASSERT_TRUE(loop_.run_until([&] { return hv_.calls("list_domains") > before; }));
-    loop_.run_until([] { return false; }, 20ms);  // its result reaches the loop
+    loop_.run_for(20ms);  // its result reaches the loop
   }
   EXPECT_EQ(loop_.delayed_count(), 1u) << "one armed retry, not one per failed audit";
   EXPECT_TRUE(service_->startup_reconcile_pending());
@@ -763,7 +769,7 @@ TEST_F(NodeServiceTest, EventsWhileTheStartUpReconcileWaitsAreFollowedByAnAudit)
   hv_.set_connected(false, "libvirtd is not running");
   open_service();
   hv_.crash(a.str(), DomainCause::kGuestCrashed);  // an event the service sees while it waits
-  loop_.run_until([] { return false; }, 50ms);     // the posted event runs
+  loop_.run_for(50ms);                             // the posted event runs
   EXPECT_TRUE(service_->health().checks.empty()) << "not judged while waiting";
   const int lists = hv_.calls("list_domains");
   hv_.set_connected(true);
@@ -1153,9 +1159,9 @@ TEST_F(NodeServiceTest, StaleAuditSnapshotDoesNotUndoAStartThatFinishedMeanwhile
   gated.wait_blocked();
   wait_done(*service_->start_vm("a", ""));
   gated.open();
-  loop_.run_until([] { return false; }, 300ms);  // the stale audit result is applied
+  loop_.run_for(300ms);  // the stale audit result is applied
   service_->audit();
-  loop_.run_until([] { return false; }, 300ms);
+  loop_.run_for(300ms);
   settle();
   const PowerIntent power = service_->get_vm("a")->power;
   const DomainState actual = hv_.domain(id.str())->info.state;
@@ -1259,7 +1265,7 @@ TEST_F(NodeServiceTest, DomainWithOurIdButNoMetadataIsNeverTouched) {
   hv_.add_foreign_domain(id.str(), "impostor");
   hv_.set_state_behind_our_back(id.str(), DomainState::kShutOff, DomainEventKind::kStopped);
   service_->audit();
-  loop_.run_until([] { return false; }, 300ms);
+  loop_.run_for(300ms);
   settle();
   EXPECT_EQ(hv_.domain(id.str())->info.name, "impostor");
   EXPECT_FALSE(hv_.domain(id.str())->info.owner.has_value());
@@ -1682,7 +1688,7 @@ TEST_F(NodeServiceTest, CrashedVmIsRestartedByPolicyThenLeftFailedAndReported) {
 
   hv_.crash(id.str(), DomainCause::kEmulatorGone);  // the third: beyond the budget
   ASSERT_TRUE(loop_.run_until([&] { return state(id) == "failed"; }));
-  loop_.run_until([] { return false; }, std::chrono::milliseconds(200));
+  loop_.run_for(std::chrono::milliseconds(200));
   EXPECT_EQ(hv_.domain(id.str())->info.state, DomainState::kShutOff) << "not restarted";
   EXPECT_NE(service_->get_vm("a")->state_reason.find("QEMU process gone"), std::string::npos);
   const HealthSnapshot h = service_->health();
@@ -1691,7 +1697,7 @@ TEST_F(NodeServiceTest, CrashedVmIsRestartedByPolicyThenLeftFailedAndReported) {
   EXPECT_EQ(h.checks[0].name, "vm:" + id.str());
   EXPECT_EQ(h.checks[0].state, HealthState::kFailed);
   service_->audit();
-  loop_.run_until([] { return false; }, std::chrono::milliseconds(200));
+  loop_.run_for(std::chrono::milliseconds(200));
   EXPECT_EQ(hv_.domain(id.str())->info.state, DomainState::kShutOff) << "the audit leaves it";
 
   // An explicit start clears the failure and the budget.
@@ -1712,7 +1718,7 @@ TEST_F(NodeServiceTest, EmulatorExitIsRecordedAtOnceAndTheRestartWaitsForLibvirt
   ASSERT_TRUE(loop_.run_until([&] { return obs_.states_of(id.str()).size() > seen; }));
   EXPECT_EQ(obs_.states_of(id.str()).back(), "crashed");
   EXPECT_NE(service_->get_vm("a")->state_reason.find("QEMU process gone"), std::string::npos);
-  loop_.run_until([] { return false; }, std::chrono::milliseconds(300));
+  loop_.run_for(std::chrono::milliseconds(300));
   EXPECT_EQ(state(id), "crashed") << "no restart while libvirt still says running";
   hv_.reap_emulator(id.str());  // libvirt's own kStopped, later
   ASSERT_TRUE(loop_.run_until([&] { return state(id) == "running"; }));
