@@ -5,11 +5,20 @@
 //
 // Expects on the bus: org.nodemanager.NodeManager1 (nodemanagerd on test:///default),
 // org.libvirt (libvirt-dbus, object /org/libvirt/Test) and org.nodemanager.BenchFloor
-// (bench_floor_server). tests/bench/run-bench.sh starts all three; docs/benchmarks.md records
-// results.
+// (bench_floor_server, started with --sync-file). tests/bench/run-bench.sh starts all three;
+// docs/benchmarks.md records results.
+//
+// Next to the cycles it measures what a durable cycle must cost here at least (the "durable
+// floors"): the same four libvirt calls libvirt-dbus makes, done in this process on its own
+// test:///default connection (no bus, nothing durable), plus four round trips to the floor server
+// whose replies wait for one durable 4 KiB write each (SyncPing(1)), or for two in a row
+// (SyncPing(2): nodemanagerd's rule, a step's request durable before it is acted on and its
+// outcome durable before it is reported).
 //
 // Exit status: 0 when every measurement ran (targets are reported, not enforced), 1 when a call
 // failed, 2 on bad usage, 3 with --strict when a target was missed.
+#include <libvirt/libvirt.h>
+#include <libvirt/virterror.h>
 #include <openssl/evp.h>
 #include <sys/mman.h>
 #include <unistd.h>
@@ -279,6 +288,51 @@ Status ping_floor(sd_bus* bus) {
   return call(bus, kFloorService, kFloorPath, kFloorInterface, "Ping", "").status();
 }
 
+// A round trip whose reply waits for `syncs` durable 4 KiB writes in a row (bench_floor_server
+// --sync-file).
+Status sync_ping_floor(sd_bus* bus, uint32_t syncs) {
+  return call(bus, kFloorService, kFloorPath, kFloorInterface, "SyncPing", "u", syncs).status();
+}
+
+// libvirt's test driver in this process: the libvirt work of a cycle without any bus or daemon.
+class LibvirtDirect {
+ public:
+  LibvirtDirect() = default;
+  LibvirtDirect(const LibvirtDirect&) = delete;
+  LibvirtDirect& operator=(const LibvirtDirect&) = delete;
+  ~LibvirtDirect() {
+    if (conn_ != nullptr) virConnectClose(conn_);
+  }
+
+  Status open() {
+    conn_ = virConnectOpen("test:///default");
+    return conn_ != nullptr ? Status::ok() : failure("virConnectOpen(test:///default)");
+  }
+
+  // DefineXML, Create, Destroy, Undefine of one domain.
+  Status cycle(const std::string& xml) {
+    virDomainPtr dom = virDomainDefineXML(conn_, xml.c_str());
+    if (dom == nullptr) return failure("virDomainDefineXML");
+    Status s = Status::ok();
+    if (virDomainCreate(dom) < 0) {
+      s = failure("virDomainCreate");
+    } else if (virDomainDestroy(dom) < 0) {
+      s = failure("virDomainDestroy");
+    }
+    if (virDomainUndefine(dom) < 0 && s.is_ok()) s = failure("virDomainUndefine");
+    virDomainFree(dom);
+    return s;
+  }
+
+ private:
+  static Status failure(const char* what) {
+    const char* message = virGetLastErrorMessage();
+    return internal_error(std::string(what) + ": " + (message != nullptr ? message : "failed"));
+  }
+
+  virConnectPtr conn_ = nullptr;
+};
+
 // The floor server's List: `n` rows shaped like ListVms's, read like them.
 Result<std::size_t> list_floor(sd_bus* bus, const std::string& prefix, int n) {
   NM_ASSIGN_OR_RETURN(MessagePtr reply, call(bus, kFloorService, kFloorPath, kFloorInterface,
@@ -350,6 +404,7 @@ struct Report {
     std::string detail;
   };
   std::vector<Target> targets;
+  std::vector<std::string> notes;  // context for the targets, not judged
   std::size_t nm_listed = 0;
   std::size_t lv_listed = 0;
   std::size_t floor_listed = 0;
@@ -373,6 +428,7 @@ class Bench {
   Result<Report> run() {
     NM_RETURN_IF_ERROR(nm_.subscribe());
     NM_RETURN_IF_ERROR(import_bench_image(nm_).with_context("importing the bench image"));
+    NM_RETURN_IF_ERROR(direct_.open());
     tag_ = std::to_string(::getpid());
 
     Report report;
@@ -459,7 +515,29 @@ class Bench {
     return Status::ok();
   }
 
-  // nodemanagerd and libvirt-dbus cycles interleaved, so both see the same machine noise.
+  // The durable floors' parts, one sample each per iteration; a floor adds the libvirt calls of
+  // an iteration to its four SyncPings of the same iteration.
+  Status floor_cycle(int i, bool record) {
+    const std::string xml = test_domain_xml("direct-bench-" + tag_ + "-" + std::to_string(i));
+    const auto t0 = Clock::now();
+    NM_RETURN_IF_ERROR(direct_.cycle(xml));
+    const auto t1 = Clock::now();
+    for (int k = 0; k < 4; ++k) NM_RETURN_IF_ERROR(sync_ping_floor(bus_, 1));
+    const auto t2 = Clock::now();
+    for (int k = 0; k < 4; ++k) NM_RETURN_IF_ERROR(sync_ping_floor(bus_, 2));
+    const auto t3 = Clock::now();
+    if (record) {
+      direct_cycle_.add(t1 - t0);
+      sync_pings_[0].add(t2 - t1);
+      sync_pings_[1].add(t3 - t2);
+      durable_floors_[0].add((t1 - t0) + (t2 - t1));
+      durable_floors_[1].add((t1 - t0) + (t3 - t2));
+    }
+    return Status::ok();
+  }
+
+  // nodemanagerd and libvirt-dbus cycles and the durable floor interleaved, so all see the same
+  // machine noise.
   Status measure_cycles(Report& report) {
     for (int i = 0; i < opts_.warmup + opts_.cycles; ++i) {
       const bool record = i >= opts_.warmup;
@@ -467,6 +545,7 @@ class Bench {
           nm_cycle(i, record).with_context("nodemanagerd cycle " + std::to_string(i)));
       NM_RETURN_IF_ERROR(
           lv_cycle(i, record).with_context("libvirt-dbus cycle " + std::to_string(i)));
+      NM_RETURN_IF_ERROR(floor_cycle(i, record).with_context("durable floor " + std::to_string(i)));
     }
     static constexpr std::array<const char*, 4> kNmSteps{"CreateVm", "StartVm", "StopVm(force)",
                                                          "DeleteVm"};
@@ -481,6 +560,11 @@ class Bench {
     for (std::size_t s = 0; s < kLvSteps.size(); ++s) {
       report.add(std::string("  ") + kLvSteps[s], lv_steps_[s]);
     }
+    report.add("durable floor, 1 sync per step", durable_floors_[0]);
+    report.add("durable floor, 2 syncs per step", durable_floors_[1]);
+    report.add("  libvirt calls in-process", direct_cycle_);
+    report.add("  4 x SyncPing(1)", sync_pings_[0]);
+    report.add("  4 x SyncPing(2)", sync_pings_[1]);
     return Status::ok();
   }
 
@@ -693,6 +777,14 @@ class Bench {
     report.targets.push_back({"cycle p50 <= libvirt-dbus cycle p50", nm_cycle.p50_ms,
                               lv_cycle.p50_ms, nm_cycle.p50_ms <= lv_cycle.p50_ms,
                               ratio_text(nm_cycle.p50_ms, lv_cycle.p50_ms, "libvirt-dbus")});
+    for (const char* floor :
+         {"durable floor, 1 sync per step", "durable floor, 2 syncs per step"}) {
+      const Summary& s = report.get(floor);
+      report.notes.push_back(
+          std::string(floor) + ": p50 " + ms_text(s.p50_ms) + " ms (" +
+          ratio_text(s.p50_ms, lv_cycle.p50_ms, "libvirt-dbus") +
+          "): the cycle's libvirt calls and 4 durable round trips, nothing else");
+    }
     // Interleaved: each server is woken once per iteration. Alone: back-to-back calls, all hot.
     const std::array<std::array<const char*, 3>, 2> kPairs{{
         {"ListVms p50 <= 1.25 x floor p50 (interleaved)", "nodemanagerd ListVms",
@@ -707,6 +799,12 @@ class Bench {
       report.targets.push_back({name, list.p50_ms, limit, list.p50_ms <= limit,
                                 ratio_text(list.p50_ms, floor.p50_ms, "floor")});
     }
+  }
+
+  static std::string ms_text(double ms) {
+    std::array<char, 32> buf{};
+    std::snprintf(buf.data(), buf.size(), "%.3f", ms);
+    return buf.data();
   }
 
   static std::string ratio_text(double value, double base, const char* base_name) {
@@ -725,6 +823,10 @@ class Bench {
   std::array<StepSamples, 4> nm_steps_;
   Samples lv_cycle_;
   std::array<Samples, 4> lv_steps_;
+  LibvirtDirect direct_;
+  Samples direct_cycle_;
+  std::array<Samples, 2> sync_pings_;
+  std::array<Samples, 2> durable_floors_;
 };
 
 // --- output -------------------------------------------------------------------------------------
@@ -744,6 +846,7 @@ void print_table(const Options& opts, const Report& report) {
     std::printf("%s: %s: %.3f ms vs limit %.3f ms (%s)\n", t.pass ? "PASS" : "FAIL", t.name.c_str(),
                 t.value_ms, t.limit_ms, t.detail.c_str());
   }
+  for (const auto& note : report.notes) std::printf("NOTE: %s\n", note.c_str());
 }
 
 void print_json(const Options& opts, const Report& report) {
@@ -777,6 +880,7 @@ void print_json(const Options& opts, const Report& report) {
                        {"pass", t.pass},
                        {"detail", t.detail}});
   }
+  j["notes"] = report.notes;
   std::printf("%s\n", j.dump(2).c_str());
 }
 

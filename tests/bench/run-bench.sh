@@ -51,7 +51,7 @@ fi
 
 tmp="$(mktemp -d /tmp/nm-bench.XXXXXX)"
 pids=()
-state=""
+disk=""
 cleanup() {
   local rc=$?
   # Stop in reverse start order, by pid: the clients before the bus.
@@ -68,17 +68,19 @@ cleanup() {
   else
     rm -rf "$tmp"
   fi
-  if [ -n "$state" ] && [ "$state" != "$tmp/state" ]; then rm -rf "$state"; fi
+  if [ -n "$disk" ] && [ "$disk" != "$tmp" ]; then rm -rf "$disk"; fi
   exit "$rc"
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
 address="unix:path=$tmp/bus"
-state="$tmp/state"
+# nodemanagerd's state directory and the floor server's SyncPing file, on the same filesystem.
+disk="$tmp"
 if [ -n "${NM_BENCH_STATE_PARENT:-}" ]; then
-  state="$(mktemp -d "$NM_BENCH_STATE_PARENT/nm-bench-state.XXXXXX")"
+  disk="$(mktemp -d "$NM_BENCH_STATE_PARENT/nm-bench-state.XXXXXX")"
 fi
+state="$disk/state"
 cat >"$tmp/bus.conf" <<CONF
 <!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"
  "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
@@ -111,7 +113,7 @@ dbus-daemon --config-file="$tmp/bus.conf" --nofork >"$tmp/dbus.log" 2>&1 &
 pids+=($!)
 wait_for_name org.freedesktop.DBus "${pids[-1]}" "$tmp/dbus.log"
 
-"$floor" --bus "$address" >"$tmp/floor.log" 2>&1 &
+"$floor" --bus "$address" --sync-file "$disk/floor-sync" >"$tmp/floor.log" 2>&1 &
 pids+=($!)
 wait_for_name org.nodemanager.BenchFloor "${pids[-1]}" "$tmp/floor.log"
 
