@@ -147,6 +147,51 @@ struct DbusServer::Impl {
   // out, so a PropertiesChanged queued meanwhile would repeat the same values: not sent.
   std::set<std::string> announcing;
 
+  // What the signals last told about each VM's changeable properties (its InterfacesAdded, then
+  // each PropertiesChanged), by object path: a VM's PropertiesChanged names only the properties
+  // whose values differ from it, and is not sent when none does.
+  struct VmTold {
+    std::string state;
+    std::string state_reason;
+    PowerIntent power = PowerIntent::kStopped;
+    VmSpec spec;
+    uint64_t generation = 0;
+    uint64_t observed_generation = 0;
+
+    explicit VmTold(const VmRecord& vm)
+        : state(vm.state),
+          state_reason(vm.state_reason),
+          power(vm.power),
+          spec(vm.spec),
+          generation(vm.generation),
+          observed_generation(vm.observed_generation) {}
+  };
+  std::unordered_map<std::string, VmTold> told;
+
+  // The names (nullptr-terminated, as sd_bus_emit_properties_changed_strv takes them) of the
+  // properties of `vm` that differ from what was told about it; all of them if nothing was.
+  std::vector<const char*> vm_changes(const std::string& path, const VmRecord& vm) const {
+    std::vector<const char*> names;
+    const auto it = told.find(path);
+    const VmTold* before = it == told.end() ? nullptr : &it->second;
+    if (before == nullptr || before->state != vm.state) names.push_back("State");
+    if (before == nullptr || before->state_reason != vm.state_reason) {
+      names.push_back("StateReason");
+    }
+    if (before == nullptr || before->power != vm.power) names.push_back("DesiredPower");
+    if (before == nullptr || before->spec != vm.spec) names.push_back("Spec");
+    if (before == nullptr || before->generation != vm.generation) names.push_back("Generation");
+    if (before == nullptr || before->observed_generation != vm.observed_generation) {
+      names.push_back("ObservedGeneration");
+    }
+    if (!names.empty()) names.push_back(nullptr);
+    return names;
+  }
+
+  void remember_told(const std::string& path, const VmRecord& vm) {
+    told.insert_or_assign(path, VmTold(vm));
+  }
+
   // ---- helpers ----
 
   // Every reply leaves through here: once the state it reports is durable (group commit: the
@@ -1182,9 +1227,11 @@ void DbusServer::on_vm_added(const VmRecord& vm) {
   impl_->guard_observer("on_vm_added", [this, path, id = vm.id.str()] {
     impl_->announcing.erase(path);
     // Held until durable, this runs later: a VM removed meanwhile is announced by its removal.
-    if (!impl_->service.get_vm(id).is_ok()) return;
-    impl_->warn_if_failed(sd_bus_emit_object_added(impl_->bus.get(), path.c_str()),
-                          "InterfacesAdded", path);
+    const auto now = impl_->service.get_vm(id);
+    if (!now.is_ok()) return;
+    const int r = sd_bus_emit_object_added(impl_->bus.get(), path.c_str());
+    impl_->warn_if_failed(r, "InterfacesAdded", path);
+    if (r >= 0) impl_->remember_told(path, *now);
   });
 }
 
@@ -1192,18 +1239,21 @@ void DbusServer::on_vm_changed(const VmRecord& vm) {
   const std::string path = vm_object_path(vm.id.str());
   if (impl_->announcing.count(path)) return;  // its InterfacesAdded will carry the change
   impl_->guard_observer("on_vm_changed", [this, path, id = vm.id.str()] {
-    if (!impl_->service.get_vm(id).is_ok()) return;  // removed meanwhile
-    impl_->warn_if_failed(
-        sd_bus_emit_properties_changed(impl_->bus.get(), path.c_str(), kVmInterface.data(), "State",
-                                       "StateReason", "DesiredPower", "Spec", "Generation",
-                                       "ObservedGeneration", static_cast<char*>(nullptr)),
-        "PropertiesChanged", path);
+    const auto now = impl_->service.get_vm(id);
+    if (!now.is_ok()) return;  // removed meanwhile
+    std::vector<const char*> names = impl_->vm_changes(path, *now);
+    if (names.empty()) return;  // told already (an earlier signal read the same values)
+    const int r = sd_bus_emit_properties_changed_strv(
+        impl_->bus.get(), path.c_str(), kVmInterface.data(), const_cast<char**>(names.data()));
+    impl_->warn_if_failed(r, "PropertiesChanged", path);
+    if (r >= 0) impl_->remember_told(path, *now);
   });
 }
 
 void DbusServer::on_vm_removed(const VmId& id) {
   impl_->guard_observer("on_vm_removed", [=, this] {
     const std::string path = vm_object_path(id.str());
+    impl_->told.erase(path);
     impl_->warn_if_failed(impl_->emit_removed(path, kVmInterface), "InterfacesRemoved", path);
   });
 }

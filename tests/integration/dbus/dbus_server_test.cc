@@ -198,6 +198,49 @@ VmRecord make_vm(const std::string& id, const std::string& name, const std::stri
   return vm;
 }
 
+// The properties a PropertiesChanged of `iface` names, with their values as text ("" for types
+// other than s and t).
+std::map<std::string, std::string> changed_properties(sd_bus_message* m, std::string_view iface) {
+  std::map<std::string, std::string> changed;
+  const char* got = nullptr;
+  if (sd_bus_message_read(m, "s", &got) < 0 || iface != got) {
+    ADD_FAILURE() << "PropertiesChanged of '" << (got != nullptr ? got : "?") << "', not " << iface;
+    return changed;
+  }
+  if (sd_bus_message_enter_container(m, 'a', "{sv}") < 0) {
+    ADD_FAILURE() << "PropertiesChanged without its a{sv}";
+    return changed;
+  }
+  while (sd_bus_message_enter_container(m, 'e', "sv") > 0) {
+    const char* name = nullptr;
+    const char* contents = nullptr;
+    if (sd_bus_message_read(m, "s", &name) < 0 ||
+        sd_bus_message_peek_type(m, nullptr, &contents) < 0) {
+      ADD_FAILURE() << "unreadable PropertiesChanged entry";
+      return changed;
+    }
+    std::string value;
+    int r = 0;
+    if (std::string_view(contents) == "s") {
+      const char* v = nullptr;
+      r = sd_bus_message_read(m, "v", "s", &v);
+      if (r >= 0) value = v;
+    } else if (std::string_view(contents) == "t") {
+      uint64_t v = 0;
+      r = sd_bus_message_read(m, "v", "t", &v);
+      value = std::to_string(v);
+    } else {
+      r = sd_bus_message_skip(m, "v");
+    }
+    if (r < 0 || sd_bus_message_exit_container(m) < 0) {
+      ADD_FAILURE() << "unreadable value of " << name;
+      return changed;
+    }
+    changed[name] = value;
+  }
+  return changed;
+}
+
 class FakeNodeService final : public NodeService {
  public:
   struct ImportCall {
@@ -1205,29 +1248,8 @@ TEST_F(DbusServerTest, PropertiesChangedFollowsOnVmChanged) {
   });
   MessagePtr m = wait_signal("PropertiesChanged");
   ASSERT_TRUE(m);
-  const char* iface = nullptr;
-  ASSERT_GE(sd_bus_message_read(m.get(), "s", &iface), 0);
-  EXPECT_EQ(iface, kVmInterface);
-  std::map<std::string, std::string> changed;
-  ASSERT_GE(sd_bus_message_enter_container(m.get(), 'a', "{sv}"), 0);
-  while (sd_bus_message_enter_container(m.get(), 'e', "sv") > 0) {
-    const char* name = nullptr;
-    ASSERT_GE(sd_bus_message_read(m.get(), "s", &name), 0);
-    const char* contents = nullptr;
-    ASSERT_GE(sd_bus_message_peek_type(m.get(), nullptr, &contents), 0);
-    if (std::string_view(contents) == "s") {
-      const char* v = nullptr;
-      ASSERT_GE(sd_bus_message_read(m.get(), "v", "s", &v), 0);
-      changed[name] = v;
-    } else if (std::string_view(contents) == "t") {
-      uint64_t v = 0;
-      ASSERT_GE(sd_bus_message_read(m.get(), "v", "t", &v), 0);
-      changed[name] = std::to_string(v);
-    } else {
-      ASSERT_GE(sd_bus_message_skip(m.get(), "v"), 0);
-    }
-    ASSERT_GE(sd_bus_message_exit_container(m.get()), 0);
-  }
+  std::map<std::string, std::string> changed = changed_properties(m.get(), kVmInterface);
+  EXPECT_EQ(changed.size(), 6u) << "nothing was told about this VM before: all of them";
   EXPECT_EQ(changed["State"], "running");
   EXPECT_EQ(changed["StateReason"], "booted");
   EXPECT_EQ(changed["ObservedGeneration"], "3");
@@ -1236,6 +1258,56 @@ TEST_F(DbusServerTest, PropertiesChangedFollowsOnVmChanged) {
   EXPECT_EQ(changed.count("Spec"), 1u);
   BusError error;
   EXPECT_EQ(get_string_property(path, kVmInterface, "State", error), "running");
+}
+
+// After a VM's InterfacesAdded, each PropertiesChanged names only the properties whose values
+// differ from what the signals told last; a change of nothing a client can see sends nothing.
+TEST_F(DbusServerTest, PropertiesChangedNamesOnlyWhatChanged) {
+  const std::string path = vm_object_path(kVmId);
+  subscribe("org.freedesktop.DBus.ObjectManager", "InterfacesAdded");
+  subscribe("org.freedesktop.DBus.Properties", "PropertiesChanged", path.c_str());
+  auto vm = make_vm(kVmId, "web-1", "contoso");
+  run_on_loop([&] {
+    fake_.add_vm(vm);
+    fake_.observer()->on_vm_added(vm);
+  });
+  ASSERT_TRUE(wait_signal("InterfacesAdded"));
+
+  run_on_loop([&] {
+    vm.state = "running";
+    vm.state_reason = "booted";
+    fake_.add_vm(vm);
+    fake_.observer()->on_vm_changed(vm);
+  });
+  MessagePtr m = wait_signal("PropertiesChanged");
+  ASSERT_TRUE(m);
+  EXPECT_EQ(changed_properties(m.get(), kVmInterface),
+            (std::map<std::string, std::string>{{"State", "running"}, {"StateReason", "booted"}}));
+
+  run_on_loop([&] {
+    vm.updated_us += 1;  // not a property: no signal
+    fake_.add_vm(vm);
+    fake_.observer()->on_vm_changed(vm);
+    vm.power = PowerIntent::kStopped;
+    vm.generation += 1;
+    fake_.add_vm(vm);
+    fake_.observer()->on_vm_changed(vm);
+  });
+  m = wait_signal("PropertiesChanged");
+  ASSERT_TRUE(m);
+  EXPECT_EQ(changed_properties(m.get(), kVmInterface),
+            (std::map<std::string, std::string>{{"DesiredPower", "stopped"}, {"Generation", "4"}}));
+
+  run_on_loop([&] {
+    vm.spec.vcpus = 4;
+    fake_.add_vm(vm);
+    fake_.observer()->on_vm_changed(vm);
+  });
+  m = wait_signal("PropertiesChanged");
+  ASSERT_TRUE(m);
+  const auto changed = changed_properties(m.get(), kVmInterface);
+  ASSERT_EQ(changed.size(), 1u);
+  EXPECT_NE(changed.at("Spec").find("\"vcpus\":4"), std::string::npos) << changed.at("Spec");
 }
 
 TEST_F(DbusServerTest, JobObjectLivesFromJobNewToJobRemovedWithTheOutcome) {
