@@ -217,13 +217,9 @@ int run(const nm::DaemonConfig& cfg) {
       ->set_connection_handler(
           [&ev, svc = service.get(), uri](bool connected, const std::string& reason) {
             ev.post([svc, connected, reason, uri] {
-              if (connected) {
-                svc->set_host_check("libvirt", nm::HealthState::kOk, "connected to '" + uri + "'");
-                svc->audit();
-              } else {
-                svc->set_host_check("libvirt", nm::HealthState::kFailed,
-                                    "connection to '" + uri + "' lost: " + reason);
-              }
+              svc->libvirt_connection_changed(
+                  connected, connected ? "connected to '" + uri + "'"
+                                       : "connection to '" + uri + "' lost: " + reason);
             });
           });
   // After the handler is in place, so that a loss in between is not missed either way.

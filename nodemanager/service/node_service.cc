@@ -320,6 +320,17 @@ class NodeServiceImpl final : public NodeService {
 
   bool startup_reconcile_pending() const override { return startup_reconcile_pending_; }
 
+  void libvirt_connection_changed(bool connected, std::string detail) override {
+    if (!connected) {
+      set_host_check("libvirt", HealthState::kFailed, std::move(detail));
+      return;
+    }
+    // Reading libvirt failed while it was connected: a new connection does not make that ok (the
+    // check would flap ok -> failed at every reconnect); the audit below tells.
+    if (!startup_check_failed_) set_host_check("libvirt", HealthState::kOk, std::move(detail));
+    audit();
+  }
+
   // A postponed start-up reconcile could not read libvirt. Unreachable: the connection coming up
   // triggers the next audit. Connected but failing (libvirtd still starting, a pool with another
   // target): that is the libvirt check's state now, and the audit is retried with backoff.

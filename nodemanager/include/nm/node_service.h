@@ -246,6 +246,11 @@ class NodeService {
   // Periodic audit: compares every VM with libvirt and queues convergence work (or runs the
   // postponed start-up reconcile). Called while one is in flight, it runs once more after it.
   virtual void audit() = 0;
+  // The libvirt connection went down or came back (`detail` says how, for the libvirt check).
+  // Back: the check turns ok, unless reading libvirt already failed while connected (the
+  // postponed start-up reconcile): then it stays failed until an audit reads libvirt; either way
+  // an audit follows. Loop thread.
+  virtual void libvirt_connection_changed(bool connected, std::string detail) = 0;
   // Records a repair of the host side of networks that happened outside the audit (the DHCP
   // supervisor restarting a dead dnsmasq): a NetworkRepaired event and a warning.
   virtual void record_network_repair(const std::string& object, const std::string& what) {

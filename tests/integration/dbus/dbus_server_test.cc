@@ -470,6 +470,7 @@ class FakeNodeService final : public NodeService {
   }
   void on_domain_event(const DomainEvent&) override {}
   void audit() override {}
+  void libvirt_connection_changed(bool, std::string) override {}
   size_t active_jobs() const override { return 0; }
 
   // Group commit, played by the test: while `holding`, what waits for durability waits until

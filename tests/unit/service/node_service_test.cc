@@ -761,6 +761,38 @@ TEST_F(NodeServiceTest, AStartUpReconcileThatKeepsFailingRetriesOneAtATime) {
   ASSERT_TRUE(loop_.run_until([&] { return !service_->startup_reconcile_pending(); }, 10s));
 }
 
+// A reconnect while reading libvirt keeps failing (the start-up reconcile waits, libvirt is
+// connected): the libvirt check stays failed instead of turning ok until the audit fails again
+// (it flapped ok -> failed at every reconnect). Once reading works, the reconcile turns it ok.
+TEST_F(NodeServiceTest, AReconnectWhileReadingLibvirtFailsDoesNotFlapTheLibvirtCheck) {
+  auto libvirt_check = [&] {
+    for (const auto& c : service_->health().checks) {
+      if (c.name == "libvirt") return std::make_pair(c.state, c.reason);
+    }
+    return std::make_pair(HealthState::kOk, std::string("no libvirt check"));
+  };
+  hv_.set_connected(false, "libvirtd is not running");
+  open_service();
+  hv_.set_connected(true);
+  hv_.fail_always("list_overlays", Status(Code::kConflict, "pool 'nodemanager' is elsewhere"));
+  service_->libvirt_connection_changed(true, "connected to 'test:///default'");
+  EXPECT_EQ(libvirt_check().first, HealthState::kOk) << "nothing failed yet: ok on connecting";
+  ASSERT_TRUE(loop_.run_until([&] { return libvirt_check().first == HealthState::kFailed; }));
+  EXPECT_NE(libvirt_check().second.find("elsewhere"), std::string::npos) << libvirt_check().second;
+
+  service_->libvirt_connection_changed(false, "connection to 'test:///default' lost: gone");
+  EXPECT_EQ(libvirt_check().second, "connection to 'test:///default' lost: gone");
+  service_->libvirt_connection_changed(true, "connected to 'test:///default'");
+  EXPECT_EQ(libvirt_check().first, HealthState::kFailed) << "still cannot read libvirt";
+  loop_.run_for(50ms);  // the reconnect's audit fails again
+  EXPECT_EQ(libvirt_check().first, HealthState::kFailed);
+  EXPECT_TRUE(service_->startup_reconcile_pending());
+
+  hv_.fail_always("list_overlays", Status::ok());
+  ASSERT_TRUE(loop_.run_until([&] { return !service_->startup_reconcile_pending(); }, 10s));
+  EXPECT_EQ(libvirt_check().first, HealthState::kOk) << libvirt_check().second;
+}
+
 // A lifecycle event while the start-up reconcile waits is not judged (nothing has been looked
 // at yet) but not lost either: the reconcile is followed by another audit.
 TEST_F(NodeServiceTest, EventsWhileTheStartUpReconcileWaitsAreFollowedByAnAudit) {
