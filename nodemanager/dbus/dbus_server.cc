@@ -4,6 +4,7 @@
 #include <systemd/sd-bus.h>
 #include <unistd.h>
 
+#include <array>
 #include <cerrno>
 #include <charconv>
 #include <cstdlib>
@@ -147,10 +148,8 @@ struct DbusServer::Impl {
   // out, so a PropertiesChanged queued meanwhile would repeat the same values: not sent.
   std::set<std::string> announcing;
 
-  // What the signals last told about each VM's changeable properties (its InterfacesAdded, then
-  // each PropertiesChanged), by object path: a VM's PropertiesChanged names only the properties
-  // whose values differ from it, and is not sent when none does.
-  struct VmTold {
+  // A VM's changeable properties, in the order of kVmChangeable.
+  struct VmValues {
     std::string state;
     std::string state_reason;
     PowerIntent power = PowerIntent::kStopped;
@@ -158,38 +157,46 @@ struct DbusServer::Impl {
     uint64_t generation = 0;
     uint64_t observed_generation = 0;
 
-    explicit VmTold(const VmRecord& vm)
+    explicit VmValues(const VmRecord& vm)
         : state(vm.state),
           state_reason(vm.state_reason),
           power(vm.power),
           spec(vm.spec),
           generation(vm.generation),
           observed_generation(vm.observed_generation) {}
+
+    // Bit i set: kVmChangeable[i] differs between the two.
+    unsigned differences(const VmValues& o) const {
+      return (state != o.state ? 1U : 0U) | (state_reason != o.state_reason ? 2U : 0U) |
+             (power != o.power ? 4U : 0U) | (spec != o.spec ? 8U : 0U) |
+             (generation != o.generation ? 16U : 0U) |
+             (observed_generation != o.observed_generation ? 32U : 0U);
+    }
   };
-  std::unordered_map<std::string, VmTold> told;
+  static constexpr std::array<const char*, 6> kVmChangeable{
+      "State", "StateReason", "DesiredPower", "Spec", "Generation", "ObservedGeneration"};
+  static constexpr unsigned kAllVmChangeable = (1U << kVmChangeable.size()) - 1;
+
+  // Per VM object path: the values of the record the service reported last, and the properties
+  // that changed since the last signal that carried them. Each reported change marks what it
+  // changed, even when a later one undoes it before the signal goes out: a client may have read
+  // the value in between (Get, GetAll and GetManagedObjects answer from live state at once).
+  // A VM's PropertiesChanged names only the marked properties, and is not sent when none is.
+  struct VmSeen {
+    VmValues values;
+    unsigned unsent = 0;
+  };
+  std::unordered_map<std::string, VmSeen> vm_seen;
 
   // The names (nullptr-terminated, as sd_bus_emit_properties_changed_strv takes them) of the
-  // properties of `vm` that differ from what was told about it; all of them if nothing was.
-  std::vector<const char*> vm_changes(const std::string& path, const VmRecord& vm) const {
+  // properties in `mask`.
+  static std::vector<const char*> vm_property_names(unsigned mask) {
     std::vector<const char*> names;
-    const auto it = told.find(path);
-    const VmTold* before = it == told.end() ? nullptr : &it->second;
-    if (before == nullptr || before->state != vm.state) names.push_back("State");
-    if (before == nullptr || before->state_reason != vm.state_reason) {
-      names.push_back("StateReason");
+    for (size_t i = 0; i < kVmChangeable.size(); ++i) {
+      if ((mask & (1U << i)) != 0) names.push_back(kVmChangeable[i]);
     }
-    if (before == nullptr || before->power != vm.power) names.push_back("DesiredPower");
-    if (before == nullptr || before->spec != vm.spec) names.push_back("Spec");
-    if (before == nullptr || before->generation != vm.generation) names.push_back("Generation");
-    if (before == nullptr || before->observed_generation != vm.observed_generation) {
-      names.push_back("ObservedGeneration");
-    }
-    if (!names.empty()) names.push_back(nullptr);
+    names.push_back(nullptr);
     return names;
-  }
-
-  void remember_told(const std::string& path, const VmRecord& vm) {
-    told.insert_or_assign(path, VmTold(vm));
   }
 
   // ---- helpers ----
@@ -1224,36 +1231,50 @@ std::string DbusServer::unique_name() const {
 void DbusServer::on_vm_added(const VmRecord& vm) {
   const std::string path = vm_object_path(vm.id.str());
   impl_->announcing.insert(path);
+  impl_->vm_seen.insert_or_assign(path, Impl::VmSeen{Impl::VmValues(vm), 0});
   impl_->guard_observer("on_vm_added", [this, path, id = vm.id.str()] {
     impl_->announcing.erase(path);
     // Held until durable, this runs later: a VM removed meanwhile is announced by its removal.
-    const auto now = impl_->service.get_vm(id);
-    if (!now.is_ok()) return;
+    if (!impl_->service.get_vm(id).is_ok()) return;
     const int r = sd_bus_emit_object_added(impl_->bus.get(), path.c_str());
     impl_->warn_if_failed(r, "InterfacesAdded", path);
-    if (r >= 0) impl_->remember_told(path, *now);
+    // It carried every value of this moment.
+    if (auto it = impl_->vm_seen.find(path); r >= 0 && it != impl_->vm_seen.end()) {
+      it->second.unsent = 0;
+    }
   });
 }
 
 void DbusServer::on_vm_changed(const VmRecord& vm) {
   const std::string path = vm_object_path(vm.id.str());
+  Impl::VmValues values(vm);
+  unsigned changed = Impl::kAllVmChangeable;  // a VM not reported before: all of them
+  if (auto it = impl_->vm_seen.find(path); it != impl_->vm_seen.end()) {
+    changed = it->second.values.differences(values);
+    it->second.values = std::move(values);
+  } else {
+    impl_->vm_seen.emplace(path, Impl::VmSeen{std::move(values), 0});
+  }
   if (impl_->announcing.count(path)) return;  // its InterfacesAdded will carry the change
+  if (changed == 0) return;                   // nothing a client can see
+  impl_->vm_seen.at(path).unsent |= changed;
   impl_->guard_observer("on_vm_changed", [this, path, id = vm.id.str()] {
-    const auto now = impl_->service.get_vm(id);
-    if (!now.is_ok()) return;  // removed meanwhile
-    std::vector<const char*> names = impl_->vm_changes(path, *now);
-    if (names.empty()) return;  // told already (an earlier signal read the same values)
+    if (!impl_->service.get_vm(id).is_ok()) return;  // removed meanwhile
+    auto it = impl_->vm_seen.find(path);
+    if (it == impl_->vm_seen.end() || it->second.unsent == 0) return;  // sent by an earlier one
+    std::vector<const char*> names = Impl::vm_property_names(it->second.unsent);
+    // The values are read now: the latest ones.
     const int r = sd_bus_emit_properties_changed_strv(
         impl_->bus.get(), path.c_str(), kVmInterface.data(), const_cast<char**>(names.data()));
     impl_->warn_if_failed(r, "PropertiesChanged", path);
-    if (r >= 0) impl_->remember_told(path, *now);
+    if (r >= 0) it->second.unsent = 0;
   });
 }
 
 void DbusServer::on_vm_removed(const VmId& id) {
+  impl_->vm_seen.erase(vm_object_path(id.str()));
   impl_->guard_observer("on_vm_removed", [=, this] {
     const std::string path = vm_object_path(id.str());
-    impl_->told.erase(path);
     impl_->warn_if_failed(impl_->emit_removed(path, kVmInterface), "InterfacesRemoved", path);
   });
 }

@@ -822,8 +822,9 @@ class DbusServerTest : public ::testing::Test {
 
   // Processes client messages until a signal `member` has arrived (or the deadline passes) and
   // returns the first one, removing it from the queue.
-  MessagePtr wait_signal(const char* member) {
-    const auto deadline = std::chrono::steady_clock::now() + kTimeout;
+  MessagePtr wait_signal(const char* member,
+                         std::chrono::steady_clock::duration timeout = kTimeout) {
+    const auto deadline = std::chrono::steady_clock::now() + timeout;
     for (;;) {
       for (auto it = signals_.begin(); it != signals_.end(); ++it) {
         if (sd_bus_message_is_signal(it->get(), nullptr, member) > 0) {
@@ -1261,8 +1262,8 @@ TEST_F(DbusServerTest, PropertiesChangedFollowsOnVmChanged) {
   EXPECT_EQ(get_string_property(path, kVmInterface, "State", error), "running");
 }
 
-// After a VM's InterfacesAdded, each PropertiesChanged names only the properties whose values
-// differ from what the signals told last; a change of nothing a client can see sends nothing.
+// After a VM's InterfacesAdded, each PropertiesChanged names only the properties that changed
+// since the VM's last signal; a change of nothing a client can see sends nothing.
 TEST_F(DbusServerTest, PropertiesChangedNamesOnlyWhatChanged) {
   const std::string path = vm_object_path(kVmId);
   subscribe("org.freedesktop.DBus.ObjectManager", "InterfacesAdded");
@@ -1309,6 +1310,41 @@ TEST_F(DbusServerTest, PropertiesChangedNamesOnlyWhatChanged) {
   const auto changed = changed_properties(m.get(), kVmInterface);
   ASSERT_EQ(changed.size(), 1u);
   EXPECT_NE(changed.at("Spec").find("\"vcpus\":4"), std::string::npos) << changed.at("Spec");
+}
+
+// A value changed and changed back before its signal went out (both signals wait for the same
+// sync) is still signalled: a client may have read the changed value meanwhile (Get, GetAll and
+// GetManagedObjects answer from live state at once) and must learn that it changed back.
+TEST_F(DbusServerTest, AValueChangedBackBeforeItsSignalWentOutIsStillSignalled) {
+  const std::string path = vm_object_path(kVmId);
+  subscribe("org.freedesktop.DBus.ObjectManager", "InterfacesAdded");
+  subscribe("org.freedesktop.DBus.Properties", "PropertiesChanged", path.c_str());
+  auto vm = make_vm(kVmId, "web-1", "contoso");
+  const std::string original = vm.state;
+  run_on_loop([&] {
+    fake_.add_vm(vm);
+    fake_.observer()->on_vm_added(vm);
+  });
+  ASSERT_TRUE(wait_signal("InterfacesAdded"));
+  run_on_loop([&] {
+    fake_.holding = true;
+    vm.state = "stopping";
+    fake_.add_vm(vm);
+    fake_.observer()->on_vm_changed(vm);
+  });
+  BusError error;
+  EXPECT_EQ(get_string_property(path, kVmInterface, "State", error), "stopping");
+  run_on_loop([&] {
+    vm.state = original;
+    fake_.add_vm(vm);
+    fake_.observer()->on_vm_changed(vm);
+    fake_.release_all();
+  });
+  MessagePtr m = wait_signal("PropertiesChanged");
+  ASSERT_TRUE(m) << "no PropertiesChanged: a client that read 'stopping' keeps it";
+  EXPECT_EQ(changed_properties(m.get(), kVmInterface),
+            (std::map<std::string, std::string>{{"State", original}}));
+  EXPECT_FALSE(wait_signal("PropertiesChanged", 100ms)) << "one signal for both changes";
 }
 
 TEST_F(DbusServerTest, JobObjectLivesFromJobNewToJobRemovedWithTheOutcome) {
