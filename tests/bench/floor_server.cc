@@ -109,9 +109,10 @@ nm::Status open_sync_file(const std::string& path, SyncFile* file) {
   if (file->fd < 0) return nm::errno_status(errno, "opening '" + path + "'");
   const std::array<char, kSyncBlock> zero{};
   for (std::size_t off = 0; off < kSyncFileBytes; off += kSyncBlock) {
+    errno = 0;
     if (pwrite(file->fd, zero.data(), zero.size(), static_cast<off_t>(off)) !=
         static_cast<ssize_t>(zero.size())) {
-      return nm::errno_status(errno, "filling '" + path + "'");
+      return nm::errno_status(errno != 0 ? errno : EIO, "filling '" + path + "'");
     }
   }
   if (fsync(file->fd) != 0) return nm::errno_status(errno, "syncing '" + path + "'");
