@@ -7,8 +7,9 @@
 #
 # NM_BUILD_DIR: a configured build tree to use (default: <repo>/build, configured and built here
 # when the binaries are missing). NM_NODEMANAGERD: another nodemanagerd binary to measure.
-# NM_BENCH_STATE_PARENT: where nodemanagerd's state directory is made (default: the temporary
-# directory; /dev/shm takes fsync cost out, for diagnosis only).
+# NM_BENCH_STATE_PARENT: where nodemanagerd's state directory and the floor server's SyncPing
+# file are made (default: the temporary directory; /dev/shm takes fsync cost out, for diagnosis
+# only).
 # NM_BENCH_KEEP=1 keeps the temporary directory (logs); it is also kept when the run fails.
 # Exit status: lifecycle_bench's (0 ran, 1 a call failed, 3 --strict and a target missed), 1 when
 # a service did not come up, 77 when a needed program is not installed.
