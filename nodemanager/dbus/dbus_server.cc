@@ -1238,9 +1238,9 @@ void DbusServer::on_vm_added(const VmRecord& vm) {
     if (!impl_->service.get_vm(id).is_ok()) return;
     const int r = sd_bus_emit_object_added(impl_->bus.get(), path.c_str());
     impl_->warn_if_failed(r, "InterfacesAdded", path);
-    // It carried every value of this moment.
-    if (auto it = impl_->vm_seen.find(path); r >= 0 && it != impl_->vm_seen.end()) {
-      it->second.unsent = 0;
+    // Sent, it carried every value of this moment; not sent, the next signal must carry them.
+    if (auto it = impl_->vm_seen.find(path); it != impl_->vm_seen.end()) {
+      it->second.unsent = r >= 0 ? 0 : Impl::kAllVmChangeable;
     }
   });
 }
@@ -1256,8 +1256,9 @@ void DbusServer::on_vm_changed(const VmRecord& vm) {
     impl_->vm_seen.emplace(path, Impl::VmSeen{std::move(values), 0});
   }
   if (impl_->announcing.count(path)) return;  // its InterfacesAdded will carry the change
-  if (changed == 0) return;                   // nothing a client can see
-  impl_->vm_seen.at(path).unsent |= changed;
+  unsigned& unsent = impl_->vm_seen.at(path).unsent;
+  if ((changed | unsent) == 0) return;  // nothing a client can see, nothing left from a failure
+  unsent |= changed;
   impl_->guard_observer("on_vm_changed", [this, path, id = vm.id.str()] {
     if (!impl_->service.get_vm(id).is_ok()) return;  // removed meanwhile
     auto it = impl_->vm_seen.find(path);
