@@ -1249,14 +1249,15 @@ void DbusServer::on_vm_changed(const VmRecord& vm) {
   const std::string path = vm_object_path(vm.id.str());
   Impl::VmValues values(vm);
   unsigned changed = Impl::kAllVmChangeable;  // a VM not reported before: all of them
-  if (auto it = impl_->vm_seen.find(path); it != impl_->vm_seen.end()) {
-    changed = it->second.values.differences(values);
-    it->second.values = std::move(values);
+  auto seen = impl_->vm_seen.find(path);
+  if (seen != impl_->vm_seen.end()) {
+    changed = seen->second.values.differences(values);
+    seen->second.values = std::move(values);
   } else {
-    impl_->vm_seen.emplace(path, Impl::VmSeen{std::move(values), 0});
+    seen = impl_->vm_seen.emplace(path, Impl::VmSeen{std::move(values), 0}).first;
   }
   if (impl_->announcing.count(path)) return;  // its InterfacesAdded will carry the change
-  unsigned& unsent = impl_->vm_seen.at(path).unsent;
+  unsigned& unsent = seen->second.unsent;
   if ((changed | unsent) == 0) return;  // nothing a client can see, nothing left from a failure
   unsent |= changed;
   impl_->guard_observer("on_vm_changed", [this, path, id = vm.id.str()] {
