@@ -15,6 +15,7 @@
 #include <map>
 #include <mutex>
 #include <nlohmann/json.hpp>
+#include <optional>
 
 #include "fakes/fake_hypervisor.h"
 #include "fakes/fake_network.h"
@@ -213,6 +214,13 @@ class NodeServiceTest : public ::testing::Test {
   }
   bool settle() {
     return loop_.run_until([&] { return service_->active_jobs() == 0; });
+  }
+  // The host check `name` as GetHealth shows it; nullopt when there is none.
+  std::optional<HealthCheck> host_check(const std::string& name) {
+    for (const auto& c : service_->health().checks) {
+      if (c.name == name) return c;
+    }
+    return std::nullopt;
   }
 
   void import(const std::string& ref, const std::string& kind, const std::string& data,
@@ -728,10 +736,8 @@ TEST_F(NodeServiceTest, AStartUpReconcileThatCannotReadLibvirtIsReportedAndRetri
   hv_.fail_next("list_overlays", Status(Code::kConflict, "pool 'nodemanager' has another target"));
   service_->audit();
   ASSERT_TRUE(loop_.run_until([&] {
-    const auto lv = service_->health().checks;
-    return std::any_of(lv.begin(), lv.end(), [](const auto& c) {
-      return c.name == "libvirt" && c.state == HealthState::kFailed;
-    });
+    const auto lv = host_check("libvirt");
+    return lv && lv->state == HealthState::kFailed;
   }));
   EXPECT_NE(service_->create_vm(spec("b"), "").status().message().find("another target"),
             std::string::npos);
@@ -766,10 +772,9 @@ TEST_F(NodeServiceTest, AStartUpReconcileThatKeepsFailingRetriesOneAtATime) {
 // (it flapped ok -> failed at every reconnect). Once reading works, the reconcile turns it ok.
 TEST_F(NodeServiceTest, AReconnectWhileReadingLibvirtFailsDoesNotFlapTheLibvirtCheck) {
   auto libvirt_check = [&] {
-    for (const auto& c : service_->health().checks) {
-      if (c.name == "libvirt") return std::make_pair(c.state, c.reason);
-    }
-    return std::make_pair(HealthState::kOk, std::string("no libvirt check"));
+    const auto lv = host_check("libvirt");
+    return lv ? std::make_pair(lv->state, lv->reason)
+              : std::make_pair(HealthState::kOk, std::string("no libvirt check"));
   };
   hv_.set_connected(false, "libvirtd is not running");
   open_service();
